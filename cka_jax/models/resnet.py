@@ -1,0 +1,186 @@
+"""ResNets as Flax Linen modules whose layers match torchvision's one for one.
+
+Shapes, strides and padding follow torchvision's `resnet18/34/50` exactly: convolutions use
+explicit symmetric padding (``k // 2`` on each side) rather than 'SAME', which pads stride-2
+convolutions and the 3x3/2 max-pool on one side only. Submodule names mirror torchvision's
+parameter names (``layer1.0.conv1`` -> ``layer1_0/conv1``) so that `cka_jax.port` is a
+renaming plus a transpose.
+
+BatchNorm uses torch's defaults: epsilon 1e-5 and momentum 0.1, which is Flax's 0.9 (Flax's
+default 0.99 keeps short runs' running statistics near their initial values).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu').
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+BN_MOMENTUM = 0.9  # torch momentum 0.1
+BN_EPSILON = 1e-5
+
+
+def conv(features: int, kernel: int, stride: int = 1, *, name: str, dtype: Any) -> nn.Conv:
+    pad = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        kernel_init=conv_init,
+        dtype=dtype,
+        name=name,
+    )
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions (torchvision `BasicBlock`, expansion 1)."""
+
+    features: int
+    stride: int = 1
+    norm: Callable[..., nn.Module] = nn.BatchNorm
+    dtype: Any = jnp.float32
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x):
+        identity = x
+        y = conv(self.features, 3, self.stride, name="conv1", dtype=self.dtype)(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = conv(self.features, 3, name="conv2", dtype=self.dtype)(y)
+        y = self.norm(name="bn2")(y)
+        if self.stride != 1 or x.shape[-1] != self.features:
+            identity = conv(self.features, 1, self.stride, name="downsample_conv", dtype=self.dtype)(x)
+            identity = self.norm(name="downsample_bn")(identity)
+        return nn.relu(y + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (strided, as in torchvision's v1.5) -> 1x1 with expansion 4."""
+
+    features: int
+    stride: int = 1
+    norm: Callable[..., nn.Module] = nn.BatchNorm
+    dtype: Any = jnp.float32
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x):
+        out_features = self.features * self.expansion
+        identity = x
+        y = conv(self.features, 1, name="conv1", dtype=self.dtype)(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = conv(self.features, 3, self.stride, name="conv2", dtype=self.dtype)(y)
+        y = nn.relu(self.norm(name="bn2")(y))
+        y = conv(out_features, 1, name="conv3", dtype=self.dtype)(y)
+        y = self.norm(name="bn3")(y)
+        if self.stride != 1 or x.shape[-1] != out_features:
+            identity = conv(out_features, 1, self.stride, name="downsample_conv", dtype=self.dtype)(x)
+            identity = self.norm(name="downsample_bn")(identity)
+        return nn.relu(y + identity)
+
+
+class ResNet(nn.Module):
+    """A torchvision-compatible ResNet returning ``(logits, features)``.
+
+    Attributes:
+      stage_sizes: blocks per stage, e.g. (2, 2, 2, 2) for resnet18.
+      block: `BasicBlock` or `Bottleneck`.
+      num_classes: size of the classifier output.
+      width: channels of the first stage (64 in torchvision; smaller for tiny images).
+      stem: 'imagenet' (7x7/2 conv + 3x3/2 max-pool) or 'small' (3x3/1 conv, no pool).
+      bn_axis_name: when set, BatchNorm averages its batch statistics over this mapped axis
+        (used by the pmap step, so that it matches one device holding the global batch).
+      dtype: computation dtype (parameters stay float32).
+
+    ``apply(variables, x, train=False)`` takes NHWC float images; ``features`` is the last
+    stage's feature map (B, h, w, c) before pooling.
+    """
+
+    stage_sizes: Sequence[int]
+    block: type[nn.Module]
+    num_classes: int
+    width: int = 64
+    stem: str = "imagenet"
+    bn_axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        norm = functools.partial(
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=BN_MOMENTUM,
+            epsilon=BN_EPSILON,
+            dtype=self.dtype,
+            axis_name=self.bn_axis_name if train else None,
+        )
+        x = x.astype(self.dtype)
+        if self.stem == "imagenet":
+            x = conv(self.width, 7, 2, name="conv1", dtype=self.dtype)(x)
+            x = nn.relu(norm(name="bn1")(x))
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        elif self.stem == "small":
+            x = conv(self.width, 3, 1, name="conv1", dtype=self.dtype)(x)
+            x = nn.relu(norm(name="bn1")(x))
+        else:
+            raise ValueError(f"unknown stem {self.stem!r}: use 'imagenet' or 'small'")
+        for stage, num_blocks in enumerate(self.stage_sizes):
+            for index in range(num_blocks):
+                x = self.block(
+                    features=self.width * 2**stage,
+                    stride=2 if stage > 0 and index == 0 else 1,
+                    norm=norm,
+                    dtype=self.dtype,
+                    name=f"layer{stage + 1}_{index}",
+                )(x)
+        features = x
+        pooled = jnp.mean(features, axis=(1, 2))
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(pooled)
+        return logits.astype(jnp.float32), features.astype(jnp.float32)
+
+
+ARCHITECTURES = {
+    # Small variant for tiny images and fast tests (not in torchvision).
+    "resnet10": ((1, 1, 1, 1), BasicBlock),
+    "resnet18": ((2, 2, 2, 2), BasicBlock),
+    "resnet34": ((3, 4, 6, 3), BasicBlock),
+    "resnet50": ((3, 4, 6, 3), Bottleneck),
+}
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    *,
+    stem: str = "imagenet",
+    width: int = 64,
+    bn_axis_name: str | None = None,
+    dtype: Any = jnp.float32,
+) -> ResNet:
+    """Returns the ResNet called ``name`` ('resnet10' | 'resnet18' | 'resnet34' | 'resnet50')."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; choose one of {sorted(ARCHITECTURES)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    stage_sizes, block = ARCHITECTURES[name]
+    return ResNet(
+        stage_sizes=stage_sizes,
+        block=block,
+        num_classes=num_classes,
+        width=width,
+        stem=stem,
+        bn_axis_name=bn_axis_name,
+        dtype=dtype,
+    )
+
+
+def feature_channels(model: ResNet) -> int:
+    """Channels of the feature map ``model`` returns."""
+    return model.width * 2 ** (len(model.stage_sizes) - 1) * model.block.expansion
