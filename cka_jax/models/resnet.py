@@ -56,7 +56,9 @@ class BasicBlock(nn.Module):
         y = conv(self.features, 3, name="conv2", dtype=self.dtype)(y)
         y = self.norm(name="bn2")(y)
         if self.stride != 1 or x.shape[-1] != self.features:
-            identity = conv(self.features, 1, self.stride, name="downsample_conv", dtype=self.dtype)(x)
+            identity = conv(
+                self.features, 1, self.stride, name="downsample_conv", dtype=self.dtype
+            )(x)
             identity = self.norm(name="downsample_bn")(identity)
         return nn.relu(y + identity)
 
@@ -81,7 +83,9 @@ class Bottleneck(nn.Module):
         y = conv(out_features, 1, name="conv3", dtype=self.dtype)(y)
         y = self.norm(name="bn3")(y)
         if self.stride != 1 or x.shape[-1] != out_features:
-            identity = conv(out_features, 1, self.stride, name="downsample_conv", dtype=self.dtype)(x)
+            identity = conv(out_features, 1, self.stride, name="downsample_conv", dtype=self.dtype)(
+                x
+            )
             identity = self.norm(name="downsample_bn")(identity)
         return nn.relu(y + identity)
 

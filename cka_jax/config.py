@@ -1,0 +1,118 @@
+"""The experiment config: every field with the paper's defaults, and its validation.
+
+Experiment files in configs/ start from `base_config()` and change what differs, so a field
+that is not here (a typo in a config file) is an error listing the valid ones; absl's
+config_flags already rejects unknown `--config.x=...` overrides.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from cka_jax.data import augment_config, default_source_config
+from cka_jax.models import ARCHITECTURES
+from cka_jax.train.methods import INTER_KINDS, TRAINED_METHODS
+from cka_jax.train.step import PARALLELISM
+
+
+def model_config(arch="resnet18", width=64, stem="imagenet", checkpoint=""):
+    """A model: architecture, first-stage width, stem, optional checkpoint to start from."""
+    return ml_collections.ConfigDict(dict(arch=arch, width=width, stem=stem, checkpoint=checkpoint))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All fields, with the CKA paper's hyper-parameters (Sec. 5.1)."""
+    c = ml_collections.ConfigDict()
+    c.name = "experiment"
+    c.data = default_source_config("mnist_embedded")
+    # Sources beyond `data` for a cross-dataset union (each dataset one task), e.g. Table 5.
+    c.union = ()
+    # How `data`'s classes become teacher tasks ('shuffle' | 'contiguous'), when no union.
+    c.tasks = ml_collections.ConfigDict(dict(num_tasks=2, mode="contiguous", seed=0))
+    c.augment = augment_config("imagenet")
+
+    # Teachers: `teacher` is the default for every task; `teachers` (a tuple of dicts with
+    # any of arch/width/stem/checkpoint) overrides it per task, in task order. A checkpoint
+    # is loaded and frozen; without one, the teacher is trained on its task's labels.
+    c.teacher = model_config("resnet18")
+    c.teachers = ()
+    c.teacher_epochs = 100
+    c.teacher_optimizer = ml_collections.ConfigDict(dict(learning_rate=5e-4, weight_decay=5e-4))
+
+    c.student = model_config("resnet18")
+    c.methods = ("kd", "cfl", "cka")
+    c.seeds = (0,)
+    c.epochs = 100
+    c.batch_size = 64
+    c.eval_batch_size = 256
+    c.optimizer = ml_collections.ConfigDict(dict(learning_rate=5e-4, weight_decay=5e-4))
+    c.loss = ml_collections.ConfigDict(
+        dict(
+            kd_temperature=1.0,
+            margin=0.4,  # alpha of Eq. 3
+            intra_weight=1.0,
+            inter_weight=1.0,
+            align_weight=10.0,
+            std_weight=1.0,
+            # Reconstruction guard of the teacher-side common-space heads (CFL Eq. 4).
+            recon_weight=10.0,
+            cfl_weight=10.0,  # CFL: soft target + 10 * (MMD + reconstruction)
+            inter_kind="euclidean",  # Table 3: 'euclidean' | 'cosine' | 'mmd'
+            inter_temperature=1.0,
+        )
+    )
+    c.parallelism = "mesh"  # 'mesh' (jit over a device mesh) | 'pmap' | 'single'
+    c.log_every = 50
+    c.checkpoint_every = 0  # steps; 0 = at each epoch end
+    c.keep_checkpoints = 3
+    return c
+
+
+def _check_keys(cfg, reference, path=""):
+    for key in cfg.keys():
+        if key not in reference:
+            valid = ", ".join(sorted(reference.keys()))
+            raise ValueError(f"unknown config field '{path}{key}'; valid fields are: {valid}")
+        sub, ref = cfg[key], reference[key]
+        if isinstance(sub, ml_collections.ConfigDict) and isinstance(
+            ref, ml_collections.ConfigDict
+        ):
+            if key in ("data", "augment"):  # checked by the data layer
+                continue
+            _check_keys(sub, ref, f"{path}{key}.")
+
+
+def _check_model(m, what):
+    if m.arch not in ARCHITECTURES:
+        raise ValueError(f"{what}.arch={m.arch!r} is not one of {sorted(ARCHITECTURES)}")
+    if m.stem not in ("imagenet", "small"):
+        raise ValueError(f"{what}.stem={m.stem!r}: use 'imagenet' or 'small'")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first wrong field and the valid choices."""
+    _check_keys(cfg, base_config())
+    bad = [m for m in cfg.methods if m not in TRAINED_METHODS]
+    if bad:
+        raise ValueError(
+            f"unknown method(s) {bad} in config.methods; valid methods are "
+            f"{', '.join(TRAINED_METHODS)} (teacher and ensemble rows are always reported)"
+        )
+    if not cfg.seeds:
+        raise ValueError("config.seeds is empty: give at least one integer seed")
+    if cfg.parallelism not in PARALLELISM:
+        raise ValueError(f"config.parallelism={cfg.parallelism!r}; valid: {PARALLELISM}")
+    if cfg.loss.inter_kind not in INTER_KINDS:
+        raise ValueError(f"config.loss.inter_kind={cfg.loss.inter_kind!r}; valid: {INTER_KINDS}")
+    for field in ("epochs", "teacher_epochs", "batch_size", "eval_batch_size"):
+        if int(cfg[field]) < (0 if field == "teacher_epochs" else 1):
+            raise ValueError(f"config.{field} must be a positive integer, got {cfg[field]}")
+    _check_model(cfg.student, "student")
+    _check_model(cfg.teacher, "teacher")
+    for t, override in enumerate(cfg.teachers):
+        unknown = set(override) - set(cfg.teacher.keys())
+        if unknown:
+            raise ValueError(
+                f"config.teachers[{t}] has unknown fields {sorted(unknown)}; "
+                f"valid: {sorted(cfg.teacher.keys())}"
+            )

@@ -1,0 +1,61 @@
+"""Scoring: merged accuracy over the union label space and per-task accuracy, in percent.
+
+- merged accuracy: argmax over all union classes, on the union test set;
+- per-task accuracy: on task t's test images, argmax over task t's slice of the scores.
+
+Every test image is scored (the last batch is padded and masked), with integer labels wide
+enough for any union (the CFL authors' code cast labels to uint8 and dropped the last batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from cka_jax.data import eval_batches
+
+
+def predict(forward: Callable, variables, split, batch_size: int) -> np.ndarray:
+    """Returns the (N, K) outputs of a jitted ``forward(variables, uint8 images)`` on a split."""
+    outputs = []
+    for batch in eval_batches(split, batch_size):
+        out = np.asarray(forward(variables, batch["image"]))
+        outputs.append(out[np.asarray(batch["mask"]).astype(bool)])
+    return np.concatenate(outputs)
+
+
+def accuracies(scores: np.ndarray, labels: np.ndarray, taskset) -> dict:
+    """Merged and per-task accuracy (percent) of (N, K) union scores against union labels."""
+    labels = np.asarray(labels, np.int64)
+    merged = float(np.mean(np.argmax(scores, axis=-1) == labels) * 100)
+    task_acc = {}
+    for name, sl in zip(taskset.names, taskset.slices, strict=True):
+        in_task = (labels >= sl.start) & (labels < sl.stop)
+        local_pred = np.argmax(scores[in_task, sl], axis=-1) + sl.start
+        task_acc[name] = float(np.mean(local_pred == labels[in_task]) * 100)
+    return {"merged_acc": merged, "task_acc": task_acc}
+
+
+def single_teacher_scores(teacher_logits: np.ndarray, taskset, task: int) -> np.ndarray:
+    """Teacher ``task`` alone over the union: its softmax on its slice, 0 elsewhere."""
+    sl = taskset.slices[task]
+    scores = np.zeros((teacher_logits.shape[0], taskset.num_classes), np.float32)
+    z = teacher_logits - teacher_logits.max(axis=-1, keepdims=True)
+    scores[:, sl] = np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
+    return scores
+
+
+def teacher_rows(teacher_logits: list[np.ndarray], labels, taskset) -> list[dict]:
+    """Rows for each teacher alone and for the ensemble (argmax over concatenated logits)."""
+    rows = []
+    for t, name in enumerate(taskset.names):
+        acc = accuracies(single_teacher_scores(teacher_logits[t], taskset, t), labels, taskset)
+        # A teacher has no scores for other tasks' classes: its per-task accuracy there is
+        # undefined, not zero.
+        acc["task_acc"] = {n: (v if n == name else None) for n, v in acc["task_acc"].items()}
+        rows.append({"method": f"teacher:{name}", **acc})
+    rows.append(
+        {"method": "ensemble", **accuracies(np.concatenate(teacher_logits, -1), labels, taskset)}
+    )
+    return rows

@@ -1,0 +1,332 @@
+"""The main job: config -> data -> tasks -> teachers -> amalgamation -> evaluation -> report.
+
+Every stage writes into the workdir and is skipped when its output is already there
+(teacher checkpoints, each run's `result.json`), and each training run resumes from its own
+checkpoints, so re-running a killed command picks up where it stopped.
+
+Workdir layout:
+  teachers/<task>/            teacher model checkpoints (trained here or copied from config)
+  runs/<method>/seed_<s>/     checkpoints/, best/, metrics.jsonl, tensorboard/, result.json
+  student/                    the best amalgamated student, with the union's class names
+  results.json, results.md    the report
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cka_jax import checkpoint, evaluate, report
+from cka_jax.config import validate
+from cka_jax.data import (
+    augment_with_keys,
+    eval_kwargs,
+    eval_preprocess,
+    load_source,
+    split_classes,
+    task_subset,
+    train_kwargs,
+    union_of_datasets,
+)
+from cka_jax.models import create_model
+from cka_jax.train import methods
+from cka_jax.train.loop import fit
+from cka_jax.train.step import StepSpec, build_heads, make_optimizer
+
+log = logging.getLogger(__name__)
+
+
+def param_count(variables) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(variables["params"])))
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+def prepare_data(cfg):
+    """Returns ``(taskset, dataset)`` with union labels laid out in teacher order."""
+    if cfg.union:
+        datasets = [load_source(cfg.data)] + [load_source(c) for c in cfg.union]
+        return union_of_datasets(datasets)
+    dataset = load_source(cfg.data)
+    class_lists = cfg.tasks.get("class_lists")
+    return split_classes(
+        dataset,
+        None if class_lists else cfg.tasks.num_tasks,
+        seed=cfg.tasks.seed,
+        mode=cfg.tasks.mode,
+        class_lists=class_lists,
+    )
+
+
+def make_augment(aug_cfg):
+    kwargs = train_kwargs(aug_cfg)
+    return lambda keys, images: augment_with_keys(keys, images, **kwargs)
+
+
+def make_preprocess(aug_cfg):
+    return functools.partial(eval_preprocess, **eval_kwargs(aug_cfg))
+
+
+def view_shape(aug_cfg):
+    return (int(aug_cfg.out_size), int(aug_cfg.out_size), int(aug_cfg.channels))
+
+
+class Scorer:
+    """Jitted eval-mode forward passes of one model over a test split (compiled once)."""
+
+    def __init__(self, model, aug_cfg, batch_size):
+        preprocess = make_preprocess(aug_cfg)
+        self.forward = jax.jit(lambda v, x: model.apply(v, preprocess(x))[0])
+        self.batch_size = batch_size
+
+    def logits(self, variables, split) -> np.ndarray:
+        return evaluate.predict(self.forward, variables, split, self.batch_size)
+
+
+# --- teachers -----------------------------------------------------------------------------
+
+
+def teacher_model_configs(cfg, num_tasks: int) -> list[ml_collections.ConfigDict]:
+    if cfg.teachers and len(cfg.teachers) != num_tasks:
+        raise ValueError(
+            f"config.teachers lists {len(cfg.teachers)} teachers but the data has "
+            f"{num_tasks} tasks; give one entry per task (or none to use config.teacher)"
+        )
+    out = []
+    for t in range(num_tasks):
+        m = ml_collections.ConfigDict(cfg.teacher.to_dict())
+        if cfg.teachers:
+            m.update(dict(cfg.teachers[t]))
+        out.append(m)
+    return out
+
+
+def model_meta(m, num_classes, aug_cfg, class_names, **extra) -> dict:
+    return {
+        "arch": m.arch,
+        "num_classes": int(num_classes),
+        "width": int(m.width),
+        "stem": m.stem,
+        "channels": int(aug_cfg.channels),
+        "image_size": int(aug_cfg.out_size),
+        "class_names": list(class_names),
+        "preprocess": {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in eval_kwargs(aug_cfg).items()
+        },
+        **extra,
+    }
+
+
+def get_teachers(cfg, taskset, dataset, workdir: Path):
+    """Returns ``[(model, variables)]`` in task order: loaded, or trained on the task."""
+    teachers = []
+    for t, (name, m) in enumerate(
+        zip(taskset.names, teacher_model_configs(cfg, taskset.num_tasks), strict=True)
+    ):
+        task_classes = [taskset.class_names[c] for c in taskset.classes[t]]
+        out_dir = workdir / "teachers" / name
+        if m.checkpoint:
+            model, variables, meta = checkpoint.load_model(m.checkpoint)
+            if meta["num_classes"] != len(task_classes):
+                raise checkpoint.CheckpointError(
+                    f"teacher checkpoint {m.checkpoint} ({meta['arch']}) has "
+                    f"{meta['num_classes']} classes but task '{name}' has "
+                    f"{len(task_classes)}; give a checkpoint trained on that task's classes"
+                )
+        elif checkpoint.has_model(out_dir):
+            model, variables, meta = checkpoint.load_model(out_dir)
+        else:
+            model, variables = train_teacher(cfg, m, taskset, dataset, t, out_dir)
+        teachers.append((model, variables))
+    return teachers
+
+
+def train_teacher(cfg, m, taskset, dataset, t, out_dir: Path):
+    name = taskset.names[t]
+    num_classes = taskset.sizes[t]
+    model = create_model(m.arch, num_classes, stem=m.stem, width=m.width)
+    train_split = task_subset(dataset.train, taskset, t)
+    test_split = task_subset(dataset.test, taskset, t)
+    seed = int(cfg.tasks.seed) + 1000 * (t + 1)
+    variables = model.init(jax.random.key(seed), jnp.zeros((1, *view_shape(cfg.augment))))
+    total_steps = cfg.teacher_epochs * (len(train_split) // cfg.batch_size)
+    spec = StepSpec(
+        student=model,
+        teachers=(),
+        heads=None,
+        method=methods.build_method("supervised", cfg.loss),
+        loss_cfg=ml_collections.FrozenConfigDict(cfg.loss),
+        augment=make_augment(cfg.augment),
+        view_shape=view_shape(cfg.augment),
+        tx=make_optimizer(
+            cfg.teacher_optimizer.learning_rate, cfg.teacher_optimizer.weight_decay, total_steps
+        ),
+    )
+    scorer = Scorer(model, cfg.augment, cfg.eval_batch_size)
+
+    def score(v):
+        logits = scorer.logits(v, test_split)
+        return {"acc": float(np.mean(np.argmax(logits, -1) == test_split.labels) * 100)}
+
+    result = fit(
+        name=f"teacher {name}",
+        spec=spec,
+        parallelism=cfg.parallelism,
+        student_variables=variables,
+        teacher_variables=[],
+        split=train_split,
+        batch_size=cfg.batch_size,
+        epochs=cfg.teacher_epochs,
+        seed=seed,
+        run_dir=out_dir.with_name(name + ".run"),
+        evaluate=score,
+        log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every,
+        keep_checkpoints=cfg.keep_checkpoints,
+    )
+    task_classes = [taskset.class_names[c] for c in taskset.classes[t]]
+    meta = model_meta(m, num_classes, cfg.augment, task_classes, task=name)
+    checkpoint.save_model(out_dir, result.variables, meta)
+    return model, result.variables
+
+
+# --- amalgamation -------------------------------------------------------------------------
+
+
+def init_student(cfg, taskset, seed):
+    s = cfg.student
+    model = create_model(s.arch, taskset.num_classes, stem=s.stem, width=s.width)
+    variables = model.init(jax.random.key(seed), jnp.zeros((1, *view_shape(cfg.augment))))
+    variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    if s.checkpoint:
+        _, loaded, meta = checkpoint.load_model(s.checkpoint)
+        if meta["arch"] != s.arch:
+            raise checkpoint.CheckpointError(
+                f"student checkpoint {s.checkpoint} is a {meta['arch']}, config.student.arch "
+                f"is {s.arch}"
+            )
+        fresh_fc = variables["params"]["fc"]
+        variables = jax.tree.map(np.asarray, dict(loaded))
+        variables["params"] = dict(variables["params"])
+        if meta["num_classes"] != taskset.num_classes:
+            # A pretrained backbone (e.g. ImageNet): keep it, start a new classifier.
+            variables["params"]["fc"] = fresh_fc
+    return model, variables
+
+
+def run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir: Path) -> dict:
+    """Trains one method with one seed (resuming if interrupted); returns its report row."""
+    run_dir = workdir / "runs" / method_name / f"seed_{seed}"
+    result_file = run_dir / "result.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    method = methods.build_method(method_name, cfg.loss)
+    student, student_vars = init_student(cfg, taskset, seed)
+    teacher_models = tuple(m for m, _ in teachers) if method.uses_teachers else ()
+    teacher_vars = [v for _, v in teachers] if method.uses_teachers else []
+    steps_per_epoch = len(dataset.train) // cfg.batch_size
+    spec = StepSpec(
+        student=student,
+        teachers=teacher_models,
+        heads=build_heads(method, teacher_models, cfg),
+        method=method,
+        loss_cfg=ml_collections.FrozenConfigDict(cfg.loss),
+        augment=make_augment(cfg.augment),
+        view_shape=view_shape(cfg.augment),
+        tx=make_optimizer(
+            cfg.optimizer.learning_rate, cfg.optimizer.weight_decay, cfg.epochs * steps_per_epoch
+        ),
+    )
+    scorer = Scorer(student, cfg.augment, cfg.eval_batch_size)
+    test = dataset.test
+
+    def score(v):
+        return evaluate.accuracies(scorer.logits(v, test), test.labels, taskset)
+
+    meta = model_meta(
+        cfg.student, taskset.num_classes, cfg.augment, taskset.class_names,
+        method=method_name, seed=seed, source_image_size=int(dataset.image_shape[0]),
+        source_channels=int(dataset.image_shape[2]),
+    )  # fmt: skip
+    result = fit(
+        name=f"{method_name} seed {seed}",
+        spec=spec,
+        parallelism=cfg.parallelism,
+        student_variables=student_vars,
+        teacher_variables=teacher_vars,
+        split=dataset.train,
+        batch_size=cfg.batch_size,
+        epochs=cfg.epochs,
+        seed=seed,
+        run_dir=run_dir,
+        evaluate=score,
+        log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every,
+        keep_checkpoints=cfg.keep_checkpoints,
+        best_dir=run_dir / "best",
+        best_meta=meta,
+    )
+    final = score(result.variables)
+    row = {
+        "method": method_name,
+        "seed": int(seed),
+        **final,
+        "best_merged_acc": result.best_acc,
+        "params": param_count(result.variables),
+        "wall_s": round(result.wall_s, 1),
+    }
+    checkpoint.write_json_atomic(result_file, row)
+    return row
+
+
+def export_student(workdir: Path, rows: list[dict]) -> None:
+    """Copies the best amalgamated (label-free) student to workdir/student/."""
+    candidates = [
+        r for r in rows
+        if r.get("best_merged_acc") is not None and r["method"] != "supervised"
+    ]  # fmt: skip
+    if not candidates:
+        return
+    best = max(candidates, key=lambda r: r["best_merged_acc"])
+    src = workdir / "runs" / best["method"] / f"seed_{best['seed']}" / "best"
+    model, variables, meta = checkpoint.load_model(src)
+    checkpoint.save_model(workdir / "student", variables, meta)
+
+
+def run(cfg, workdir) -> str:
+    """Runs the whole experiment; returns the results table (markdown)."""
+    validate(cfg)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+    taskset, dataset = prepare_data(cfg)
+    (workdir / "tasks.json").write_text(json.dumps(taskset.to_dict(), indent=2))
+    log.info(
+        "data %s: %d train / %d test images, %d classes in %d tasks %s",
+        dataset.name, len(dataset.train), len(dataset.test), taskset.num_classes,
+        taskset.num_tasks, list(taskset.sizes),
+    )  # fmt: skip
+    teachers = get_teachers(cfg, taskset, dataset, workdir)
+
+    teacher_logits = [
+        Scorer(model, cfg.augment, cfg.eval_batch_size).logits(variables, dataset.test)
+        for model, variables in teachers
+    ]
+    rows = evaluate.teacher_rows(teacher_logits, dataset.test.labels, taskset)
+    counts = [param_count(v) for _, v in teachers]
+    for row, n in zip(rows, [*counts, sum(counts)], strict=True):
+        row.update(seed=None, params=n)
+    for method_name in cfg.methods:
+        for seed in cfg.seeds:
+            rows.append(run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir))
+            report.write_report(workdir, rows, taskset.names, title=cfg.name)
+    export_student(workdir, rows)
+    return report.write_report(workdir, rows, taskset.names, title=cfg.name)

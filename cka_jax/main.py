@@ -1,0 +1,50 @@
+r"""Command line: ``python -m cka_jax.main --config=configs/default.py --workdir=DIR``.
+
+Any config field can be overridden, e.g. ``--config.epochs=3 --config.methods="('cka',)"``.
+Re-running the same command after an interruption resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from cka_jax import experiment
+from cka_jax.checkpoint import CheckpointError
+from cka_jax.data import DataNotFoundError, DataPreparationError
+from cka_jax.train.loop import NonFiniteLossError
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the report.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+# Errors whose message already says what went wrong and what to do: no stack trace.
+USER_ERRORS = (
+    DataNotFoundError,
+    DataPreparationError,
+    CheckpointError,
+    NonFiniteLossError,
+    ValueError,
+    PermissionError,
+)
+
+
+def main(argv):
+    del argv
+    logging.getLogger("cka_jax").setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+    try:
+        table = experiment.run(FLAGS.config, FLAGS.workdir)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(table)
+    print(f"\nwrote {FLAGS.workdir}/results.json and {FLAGS.workdir}/results.md")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,76 @@
+"""The report: `results.json` (rows and per-method summary) and `results.md` (the paper's
+Table 2 layout: one row per method, parameter count, merged and per-task accuracy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cka_jax.checkpoint import write_json_atomic
+
+
+def _mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    # Sample standard deviation across seeds (0 for a single seed).
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return float(np.mean(values)), std
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per method: mean and std over seeds of merged and per-task accuracy."""
+    summary = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        group = [r for r in rows if r["method"] == method]
+        mean, std = _mean_std([r["merged_acc"] for r in group])
+        tasks = list(group[0]["task_acc"])
+        task_stats = {t: _mean_std([r["task_acc"][t] for r in group]) for t in tasks}
+        summary[method] = {
+            "merged_acc_mean": mean,
+            "merged_acc_std": std,
+            "task_acc_mean": {t: s[0] for t, s in task_stats.items()},
+            "task_acc_std": {t: s[1] for t, s in task_stats.items()},
+            "params": group[0].get("params"),
+            "seeds": [r.get("seed") for r in group],
+        }
+    return summary
+
+
+def _cell(mean, std, n):
+    if mean is None:
+        return "-"
+    return f"{mean:.2f}" if n < 2 else f"{mean:.2f} ± {std:.2f}"
+
+
+def _params(n):
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+
+
+def markdown_table(summary: dict, task_names) -> str:
+    header = ["Method", "Params", "Merged", *task_names]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, s in summary.items():
+        n = len(s["seeds"])
+        cells = [method, _params(s["params"]), _cell(s["merged_acc_mean"], s["merged_acc_std"], n)]
+        cells += [_cell(s["task_acc_mean"][t], s["task_acc_std"][t], n) for t in task_names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(workdir, rows: list[dict], task_names, *, title: str = "Results") -> str:
+    """Writes results.json and results.md into ``workdir``; returns the markdown table."""
+    workdir = Path(workdir)
+    summary = summarize(rows)
+    write_json_atomic(workdir / "results.json", {"rows": rows, "summary": summary})
+    table = markdown_table(summary, list(task_names))
+    note = (
+        "Accuracy in percent on the union test set (merged: argmax over all classes; per task: "
+        "argmax within the task's classes). Mean ± sample std over seeds where several ran. "
+        "Teacher rows score one teacher alone (its probabilities outside its classes are 0)."
+    )
+    (workdir / "results.md").write_text(f"# {title}\n\n{table}\n\n{note}\n")
+    return table

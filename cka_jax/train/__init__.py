@@ -1,0 +1,1 @@
+"""Training: methods as weighted loss terms, the one train step, and the loop."""

@@ -1,0 +1,205 @@
+"""The training loop shared by teacher training and every amalgamation method.
+
+`fit` runs the one train step over a seeded, resumable batch order; fetches metrics from the
+device every `log_every` steps (no host sync per step); checks every loss term for NaN/inf
+before any checkpoint is written; evaluates at each epoch end; checkpoints every
+`checkpoint_every` steps and at the end; and resumes from the newest loadable checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from cka_jax.checkpoint import RunCheckpoints, save_model
+from cka_jax.data import num_batches, train_batch
+from cka_jax.train.step import Runner, StepSpec, create_train_state
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class FitResult:
+    variables: dict  # the final student variables (host numpy)
+    history: list[dict]  # one evaluation per epoch
+    best_acc: float | None
+    wall_s: float
+
+
+def _student_variables(state) -> dict:
+    return {"params": state.params["student"], "batch_stats": state.batch_stats}
+
+
+class MetricsLog:
+    """Per-step metrics as JSON lines (and TensorBoard events when tensorboardX is there)."""
+
+    def __init__(self, run_dir: Path, resume_step: int):
+        self.path = run_dir / "metrics.jsonl"
+        kept = []
+        if self.path.exists():
+            # A resumed run rewrites what came after its checkpoint.
+            for line in self.path.read_text().splitlines():
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step:
+                    kept.append(line)
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self.file = self.path.open("a")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:  # optional
+            self.tb = None
+
+    def write(self, step: int, values: dict) -> None:
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, int | float):
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def fit(
+    *,
+    name: str,
+    spec: StepSpec,
+    parallelism: str,
+    student_variables: dict,
+    teacher_variables: list,
+    split,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    run_dir,
+    evaluate: Callable[[dict], dict] | None = None,
+    log_every: int = 50,
+    checkpoint_every: int = 0,
+    keep_checkpoints: int = 3,
+    best_dir=None,
+    best_meta: dict | None = None,
+    stop_after_steps: int | None = None,
+) -> FitResult:
+    """Trains ``spec.student`` (and heads) on ``split``; resumes from ``run_dir``.
+
+    Args:
+      evaluate: student variables -> metrics dict with 'merged_acc' (or 'acc'); run at
+        each epoch end. The best student by that accuracy is saved to ``best_dir``.
+      checkpoint_every: steps between checkpoints (0 = at each epoch end); always at the end.
+      stop_after_steps: stop (after checkpointing) once this global step is reached; for
+        tests of interrupted runs.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runner = Runner(spec, parallelism)
+    runner.check_batch_size(batch_size)
+    steps_per_epoch = num_batches(len(split), batch_size)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{name}: batch_size {batch_size} is larger than the training split "
+            f"({len(split)} images); lower batch_size"
+        )
+    total_steps = epochs * steps_per_epoch
+    checkpoint_every = checkpoint_every or steps_per_epoch
+    state = create_train_state(spec, student_variables, teacher_variables, jax.random.key(seed))
+    checkpoints = RunCheckpoints(run_dir / "checkpoints", max_to_keep=keep_checkpoints)
+    meta = {"history": [], "best_acc": None}
+    restored = checkpoints.restore_latest(jax.device_get(state))
+    if restored is not None:
+        state, meta = restored
+        log.info("%s: resuming from step %d", name, int(state.step))
+    start = int(state.step)
+    metrics_log = MetricsLog(run_dir, start)
+    state = runner.put_state(state)
+    teacher_variables = runner.put_replicated(teacher_variables)
+
+    pending: list[tuple[int, dict]] = []
+    t_start = time.time()
+    t_window, steps_window = time.time(), 0
+
+    def flush():
+        nonlocal t_window, steps_window
+        if not pending:
+            return
+        fetched = jax.device_get([m for _, m in pending])
+        for (step, _), values in zip(pending, fetched, strict=True):
+            values = {k: float(v) for k, v in values.items()}
+            for key in sorted(values, key=lambda k: (k == "loss", k)):
+                if not math.isfinite(values[key]):
+                    latest = checkpoints.manager.latest_step()
+                    raise NonFiniteLossError(
+                        f"{name}: loss term '{key}' became {values[key]} at step {step}; "
+                        f"stopped. The last good checkpoint (step {latest}) is kept in "
+                        f"{checkpoints.directory}. Lower the learning rate or check the inputs."
+                    )
+            metrics_log.write(step, values)
+        last_step, last = pending[-1][0], {k: float(v) for k, v in fetched[-1].items()}
+        elapsed = time.time() - t_window
+        rate = steps_window * batch_size / max(elapsed, 1e-9)
+        eta = (total_steps - last_step) * batch_size / max(rate, 1e-9)
+        terms = " ".join(f"{k[5:]} {v:.4f}" for k, v in last.items() if k.startswith("loss/"))
+        log.info(
+            "[%s] step %d/%d epoch %d loss %.4f (%s) %.0f img/s ETA %s",
+            name, last_step, total_steps, (last_step - 1) // steps_per_epoch + 1,
+            last["loss"], terms, rate, _format_eta(eta),
+        )  # fmt: skip
+        pending.clear()
+        t_window, steps_window = time.time(), 0
+
+    try:
+        for step in range(start, total_steps):
+            batch = runner.put_batch(train_batch(split, batch_size, seed, step))
+            state, metrics = runner.step(state, teacher_variables, batch)
+            pending.append((step + 1, metrics))
+            steps_window += 1
+            done = step + 1
+            epoch_end = done % steps_per_epoch == 0
+            if len(pending) >= log_every or epoch_end or done == total_steps:
+                flush()
+            if epoch_end and evaluate is not None:
+                host_state = runner.get_state(state)
+                result = evaluate(_student_variables(host_state))
+                acc = result.get("merged_acc", result.get("acc"))
+                meta["history"].append({"epoch": done // steps_per_epoch, "step": done, **result})
+                scalars = {f"eval/{k}": v for k, v in result.items() if np.isscalar(v)}
+                metrics_log.write(done, scalars)
+                log.info("[%s] epoch %d eval %s", name, done // steps_per_epoch, result)
+                if best_dir is not None and (meta["best_acc"] is None or acc > meta["best_acc"]):
+                    meta["best_acc"] = acc
+                    save_model(best_dir, _student_variables(host_state), best_meta or {})
+            if done % checkpoint_every == 0 or done == total_steps:
+                flush()
+                checkpoints.save(done, runner.get_state(state), meta)
+            if stop_after_steps is not None and done >= stop_after_steps:
+                break
+        flush()
+    finally:
+        metrics_log.close()
+        checkpoints.close()
+    final = runner.get_state(state)
+    return FitResult(
+        variables=_student_variables(final),
+        history=meta["history"],
+        best_acc=meta["best_acc"],
+        wall_s=time.time() - t_start,
+    )

@@ -1,0 +1,118 @@
+"""Methods as data: each one is a set of weighted loss terms plus the heads those terms need.
+
+Every method trains through the same step (`cka_jax.train.step`); nothing here runs a loop.
+A loss term is a plain function of the step's `outputs` dict (global-batch arrays) and the
+loss config, selected by name, as in big_vision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import ml_collections
+
+from cka_jax import losses
+
+TRAINED_METHODS = ("kd", "cfl", "cka", "cka_intra", "cka_inter", "supervised")
+INTER_KINDS = ("euclidean", "cosine", "mmd")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A method: loss weights by term name, and which heads the terms need."""
+
+    name: str
+    weights: dict[str, float]
+    common_space: str | None = None  # None | 'cka' | 'cfl'
+    projection: bool = False
+    uses_teachers: bool = True
+
+    @property
+    def two_views(self) -> bool:
+        return self.weights.get("intra", 0.0) > 0
+
+    @property
+    def reconstruction(self) -> bool:
+        return self.weights.get("recon", 0.0) > 0
+
+
+def build_method(name: str, loss_cfg: ml_collections.ConfigDict) -> Method:
+    """Returns the `Method` called ``name`` with weights from ``loss_cfg``."""
+    if name == "kd":
+        return Method(name, {"kd": 1.0})
+    if name == "cfl":
+        # Luo et al.'s code: soft target + 10 * (MMD + reconstruction).
+        w = loss_cfg.cfl_weight
+        return Method(name, _nonzero({"kd": 1.0, "align": w, "recon": w}), common_space="cfl")
+    if name in ("cka", "cka_intra", "cka_inter"):
+        weights = {
+            "intra": loss_cfg.intra_weight if name != "cka_inter" else 0.0,
+            "inter": loss_cfg.inter_weight if name != "cka_intra" else 0.0,
+            "align": loss_cfg.align_weight,
+            "kd": loss_cfg.std_weight,
+            "recon": loss_cfg.recon_weight,
+        }
+        weights = _nonzero(weights)
+        return Method(name, weights, common_space="cka", projection="intra" in weights)
+    if name == "supervised":
+        return Method(name, {"ce": 1.0}, uses_teachers=False)
+    raise ValueError(f"unknown method {name!r}; valid methods are {', '.join(TRAINED_METHODS)}")
+
+
+def _nonzero(weights):
+    return {k: float(v) for k, v in weights.items() if v}
+
+
+# Loss terms. `o` holds global-batch arrays: 'logits', 'features' (student, view 1), 'labels',
+# 'teacher_logits' / 'teacher_features' (lists, task order) and the heads' outputs.
+
+
+def term_ce(o, cfg):
+    return losses.cross_entropy(o["logits"], o["labels"])
+
+
+def term_kd(o, cfg):
+    teacher_logits = jnp.concatenate(o["teacher_logits"], axis=-1)
+    return losses.soft_target_kl(o["logits"], teacher_logits, temperature=cfg.kd_temperature)
+
+
+def term_intra(o, cfg):
+    return losses.intra_contrast(o["projection"], o["projection_view2"], margin=cfg.margin)
+
+
+def term_inter(o, cfg):
+    return sum(
+        losses.inter_contrast(
+            o["features"], f, kind=cfg.inter_kind, temperature=cfg.inter_temperature
+        )
+        for f in o["teacher_features"]
+    )
+
+
+def term_align(o, cfg):
+    return sum(losses.mmd(o["student_common"], t) for t in o["teacher_common"])
+
+
+def term_recon(o, cfg):
+    return sum(
+        losses.reconstruction_loss(r, t)
+        for r, t in zip(o["reconstruction"], o["reconstruction_target"], strict=True)
+    )
+
+
+LOSS_TERMS = {
+    "ce": term_ce,
+    "kd": term_kd,
+    "intra": term_intra,
+    "inter": term_inter,
+    "align": term_align,
+    "recon": term_recon,
+}
+
+
+def total_loss(method: Method, outputs, loss_cfg):
+    """Returns ``(sum_k w_k * term_k, {term_k: value})`` over the method's terms."""
+    terms = {name: LOSS_TERMS[name](outputs, loss_cfg) for name in method.weights}
+    total = sum(method.weights[name] * value for name, value in terms.items())
+    return total, terms

@@ -1,0 +1,240 @@
+"""The one train step every method (and teacher training) uses, and its data-parallel forms.
+
+`train_step(state, teacher_variables, batch) -> (state, metrics)`:
+1. augments the uint8 batch on the device (per-sample keys from the step and each sample's
+   dataset index, so the views do not depend on how the batch is split over devices);
+2. runs the frozen teachers in eval mode on view 1 (no gradient);
+3. runs the student in train mode on view 1 (and view 2 when the method contrasts views);
+4. runs the method's heads, gathers every output to the global batch, and sums the method's
+   weighted loss terms (`cka_jax.train.methods`);
+5. applies one optimiser update to the student and heads.
+
+Parallel forms: 'single' (jit), 'mesh' (jit with the batch sharded over a 'data' mesh axis;
+XLA inserts the collectives) and 'pmap' (explicit all_gather of the outputs, pmean of the
+gradients, BatchNorm statistics over the mapped axis). All three compute the same step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cka_jax.models import AmalgamationHeads, ResNet
+from cka_jax.train.methods import Method, total_loss
+
+PMAP_AXIS = "batch"
+MESH_AXIS = "data"
+PARALLELISM = ("mesh", "pmap", "single")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # {'student': ..., 'heads': ...}
+    batch_stats: Any  # the student's BatchNorm running statistics
+    opt_state: Any
+    rng: jax.Array  # uint32 PRNGKey data: the base of every augmentation key
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Everything static the step is built from."""
+
+    student: ResNet
+    teachers: tuple[ResNet, ...]
+    heads: AmalgamationHeads | None
+    method: Method
+    loss_cfg: ml_collections.FrozenConfigDict
+    augment: Callable  # (per-sample keys (B,), uint8 images) -> float views
+    view_shape: tuple[int, int, int]  # (H, W, C) of one augmented view
+    tx: optax.GradientTransformation
+
+
+def make_optimizer(learning_rate: float, weight_decay: float, total_steps: int):
+    """Adam with cosine decay; weight decay added to the gradient (torch.optim.Adam's L2)."""
+    schedule = optax.cosine_decay_schedule(learning_rate, max(int(total_steps), 1))
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_adam(),
+        optax.scale_by_learning_rate(schedule),
+    )
+
+
+def build_heads(method: Method, teachers: tuple[ResNet, ...], cfg) -> AmalgamationHeads | None:
+    from cka_jax.models import feature_channels
+
+    if method.common_space is None and not method.projection:
+        return None
+    return AmalgamationHeads(
+        teacher_channels=tuple(feature_channels(t) for t in teachers),
+        common_space=method.common_space,
+        projection=method.projection,
+        reconstruction=method.reconstruction,
+    )
+
+
+def create_train_state(spec: StepSpec, student_variables, teacher_variables, rng):
+    """Initialises the heads (if any) and the optimiser around given student variables."""
+    params = {"student": student_variables["params"], "heads": {}}
+    if spec.heads is not None:
+        x = jnp.zeros((2, *spec.view_shape), jnp.float32)
+        _, s_feat = spec.student.apply(student_variables, x)
+        t_feats = [t.apply(v, x)[1] for t, v in zip(spec.teachers, teacher_variables, strict=True)]
+        head_vars = spec.heads.init(jax.random.fold_in(rng, 1), s_feat, t_feats, s_feat)
+        params["heads"] = head_vars["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=student_variables.get("batch_stats", {}),
+        opt_state=spec.tx.init(params),
+        rng=jnp.asarray(jax.random.key_data(jax.random.fold_in(rng, 2)), jnp.uint32),
+    )
+
+
+def sample_keys(state_rng, step, index, view: int):
+    """Per-sample PRNG keys from (run key, step, dataset index, view)."""
+    base = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state_rng), step), view)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(index)
+
+
+def _loss_fn(params, state, teacher_variables, batch, spec: StepSpec, axis_name):
+    method = spec.method
+    view1 = spec.augment(sample_keys(state.rng, state.step, batch["index"], 1), batch["image"])
+    if method.two_views:
+        view2 = spec.augment(sample_keys(state.rng, state.step, batch["index"], 2), batch["image"])
+        x = jnp.concatenate([view1, view2])
+    else:
+        x = view1
+    (logits, features), updates = spec.student.apply(
+        {"params": params["student"], "batch_stats": state.batch_stats},
+        x,
+        train=True,
+        mutable=["batch_stats"],
+    )
+    b = view1.shape[0]
+    outputs = {"logits": logits[:b], "features": features[:b], "labels": batch.get("label")}
+    if method.uses_teachers:
+        teacher_out = [
+            jax.lax.stop_gradient(t.apply(v, view1, train=False))
+            for t, v in zip(spec.teachers, teacher_variables, strict=True)
+        ]
+        outputs["teacher_logits"] = [o[0] for o in teacher_out]
+        outputs["teacher_features"] = [o[1] for o in teacher_out]
+    if spec.heads is not None:
+        outputs.update(
+            spec.heads.apply(
+                {"params": params["heads"]},
+                features[:b],
+                outputs["teacher_features"],
+                features[b:] if method.two_views else None,
+            )
+        )
+    if axis_name is not None:
+        # Batch-wide losses must see the global batch, as on one device.
+        outputs = jax.tree.map(lambda a: jax.lax.all_gather(a, axis_name, tiled=True), outputs)
+    total, terms = total_loss(method, outputs, spec.loss_cfg)
+    return total, (terms, updates["batch_stats"])
+
+
+def _train_step(state: TrainState, teacher_variables, batch, *, spec: StepSpec, axis_name=None):
+    grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
+    (total, (terms, batch_stats)), grads = grad_fn(
+        state.params, state, teacher_variables, batch, spec, axis_name
+    )
+    if axis_name is not None:
+        # Every device computed the same global loss; pmean recovers its gradient.
+        grads = jax.lax.pmean(grads, axis_name)
+    updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": total, **{f"loss/{k}": v for k, v in terms.items()}}
+    metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads)))
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
+    return new_state, metrics
+
+
+class Runner:
+    """Places state and batches on the devices and runs the step in one parallel form."""
+
+    def __init__(self, spec: StepSpec, parallelism: str, devices=None):
+        if parallelism not in PARALLELISM:
+            raise ValueError(f"parallelism must be one of {PARALLELISM}, got {parallelism!r}")
+        self.devices = list(devices if devices is not None else jax.devices())
+        if parallelism == "single":
+            self.devices = self.devices[:1]
+        self.parallelism = parallelism
+        self.spec = spec
+        n = len(self.devices)
+        axis = PMAP_AXIS if parallelism == "pmap" else MESH_AXIS
+        self.mesh = Mesh(np.array(self.devices), (axis,))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.sharded = NamedSharding(self.mesh, P(axis))
+        if parallelism == "pmap":
+            pmap_spec = dataclasses.replace(
+                spec, student=spec.student.clone(bn_axis_name=PMAP_AXIS)
+            )
+            step = lambda s, t, b: _train_step(s, t, b, spec=pmap_spec, axis_name=PMAP_AXIS)
+            self._step = jax.pmap(
+                step,
+                axis_name=PMAP_AXIS,
+                in_axes=(0, None, 0),
+                donate_argnums=(0,),
+                devices=self.devices,
+            )
+        else:
+            step = lambda s, t, b: _train_step(s, t, b, spec=spec)
+            self._step = jax.jit(step, donate_argnums=(0,))
+        self.num_devices = n
+
+    def check_batch_size(self, batch_size: int):
+        if batch_size % self.num_devices:
+            raise ValueError(
+                f"batch_size {batch_size} is not divisible by the {self.num_devices} devices; "
+                "choose a multiple of the device count"
+            )
+
+    def put_state(self, state: TrainState):
+        # From a host copy: the step donates its input, which must not alias the caller's.
+        state = jax.device_get(state)
+        if self.parallelism == "pmap":
+            # pmap's arrays carry a leading device axis, sharded over the devices.
+            n = self.num_devices
+            state = jax.tree.map(lambda a: np.broadcast_to(a, (n, *np.shape(a))), state)
+            return jax.device_put(state, self.sharded)
+        return jax.device_put(state, self.replicated)
+
+    def get_state(self, state: TrainState) -> TrainState:
+        if self.parallelism == "pmap":
+            state = jax.tree.map(lambda a: a[0], state)
+        return jax.device_get(state)
+
+    def put_replicated(self, tree):
+        return jax.device_put(tree, self.replicated)
+
+    def put_batch(self, batch: dict):
+        if self.parallelism == "pmap":
+            n = self.num_devices
+            batch = {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
+        return jax.device_put(batch, self.sharded)
+
+    def step(self, state, teacher_variables, batch):
+        """One update; metrics stay on the device (fetch them rarely)."""
+        state, metrics = self._step(state, teacher_variables, batch)
+        if self.parallelism == "pmap":
+            metrics = jax.tree.map(lambda a: a[0], metrics)
+        return state, metrics
+
+    def step_number(self, state) -> int:
+        step = state.step[0] if self.parallelism == "pmap" else state.step
+        return int(step)

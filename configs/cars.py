@@ -1,0 +1,13 @@
+"""Stanford Cars split into two class-disjoint teacher tasks (the CKA paper's Table 2 setting).
+
+The data must be prepared by tfds once (see docs/data.md for the files to place in
+manual_dir); without it this config stops with an error naming the directory and files.
+
+    python -m cka_jax.main --config=configs/cars.py --workdir=runs/cars
+"""
+
+from configs.paper_common import paper_config, tfds_source
+
+
+def get_config():
+    return paper_config("Stanford Cars, 2 teachers", tfds_source("cars196"))

@@ -1,0 +1,119 @@
+"""End to end: the main job on tiny data, every method, the report, export and predict."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cka_jax import experiment
+from cka_jax.checkpoint import load_model
+from cka_jax.train.methods import TRAINED_METHODS
+from tests import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def all_methods_run(tmp_path_factory):
+    cfg = tiny_config.get_config()
+    cfg.methods = TRAINED_METHODS
+    cfg.epochs = 3
+    cfg.loss.inter_kind = "mmd"
+    workdir = tmp_path_factory.mktemp("all_methods")
+    table = experiment.run(cfg, workdir)
+    return cfg, workdir, table
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_method_trains_with_finite_terms_and_falling_loss(all_methods_run):
+    cfg, workdir, _ = all_methods_run
+    for method in TRAINED_METHODS:
+        steps = [
+            m
+            for m in read_metrics(workdir / "runs" / method / "seed_0" / "metrics.jsonl")
+            if "loss" in m
+        ]
+        assert len(steps) == cfg.epochs * 10, method  # 200 images / batch 20
+        terms = {k for k in steps[0] if k.startswith("loss/")}
+        expected = {
+            "kd": {"kd"},
+            "cfl": {"kd", "align", "recon"},
+            "supervised": {"ce"},
+            "cka": {"intra", "inter", "align", "kd", "recon"},
+            "cka_intra": {"intra", "align", "kd", "recon"},
+            "cka_inter": {"inter", "align", "kd", "recon"},
+        }[method]
+        assert terms == {f"loss/{t}" for t in expected}, method
+        assert all(np.isfinite(m[k]) for m in steps for k in terms | {"loss"}), method
+        first = np.mean([m["loss"] for m in steps[:5]])
+        last = np.mean([m["loss"] for m in steps[-5:]])
+        assert last < first, (method, first, last)
+
+
+def test_report_has_every_row_in_the_documented_schema(all_methods_run):
+    cfg, workdir, table = all_methods_run
+    results = json.loads((workdir / "results.json").read_text())
+    methods = [r["method"] for r in results["rows"]]
+    assert methods == ["teacher:task0", "teacher:task1", "ensemble", *TRAINED_METHODS]
+    for row in results["rows"]:
+        assert set(row) >= {"method", "seed", "merged_acc", "task_acc", "params"}
+        assert 0 <= row["merged_acc"] <= 100
+        assert set(row["task_acc"]) == {"task0", "task1"}
+    teacher0 = results["rows"][0]
+    assert teacher0["task_acc"]["task1"] is None  # undefined, not 0
+    assert teacher0["merged_acc"] <= 50.0 + 1e-9  # sees only 5 of the 10 classes
+    summary = results["summary"]
+    assert set(summary) == set(methods)
+    assert summary["kd"]["merged_acc_mean"] == results["rows"][3]["merged_acc"]
+    md = (workdir / "results.md").read_text()
+    assert "| Method | Params | Merged | task0 | task1 |" in md
+    assert all(f"| {m} |" in md for m in methods)
+    assert table in md
+
+
+def test_teachers_score_as_reported_and_stages_are_skipped_when_done(all_methods_run):
+    cfg, workdir, _ = all_methods_run
+    before = (workdir / "results.json").read_text()
+    mtimes = {p: p.stat().st_mtime for p in (workdir / "teachers").rglob("model.json")}
+    assert len(mtimes) == 2
+    experiment.run(cfg, workdir)  # everything is there: nothing retrains
+    assert {p: p.stat().st_mtime for p in mtimes} == mtimes
+    assert json.loads((workdir / "results.json").read_text()) == json.loads(before)
+
+
+def test_exported_student_predicts_top5_by_class_name(all_methods_run, tmp_path):
+    from PIL import Image
+
+    from cka_jax.data import load_source
+
+    cfg, workdir, _ = all_methods_run
+    model, variables, meta = load_model(workdir / "student")
+    assert meta["class_names"] == [str(d) for d in range(10)]
+    assert meta["method"] != "supervised"
+    data = load_source(cfg.data)
+    paths = []
+    for i in range(2):
+        path = tmp_path / f"digit{i}.png"
+        Image.fromarray(data.test.images[i, ..., 0]).save(path)
+        paths.append(str(path))
+    out = subprocess.run(
+        [sys.executable, "-m", "cka_jax.predict", f"--workdir={workdir}", *paths],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    )
+    blocks = [b for b in out.stdout.strip().split("\n\n") if b]
+    assert len(blocks) == 2
+    for block, path in zip(blocks, paths, strict=True):
+        lines = block.splitlines()
+        assert lines[0].startswith(path)
+        assert len(lines) == 6  # header + top-5
+        names = [line.split()[1] for line in lines[1:]]
+        assert set(names) <= set(meta["class_names"]) and len(set(names)) == 5
