@@ -84,12 +84,30 @@ def _self_sq_dists(v: jax.Array) -> jax.Array:
     return _zero_diagonal(jnp.maximum(n[:, None] + n[None, :] - 2.0 * g, 0.0))
 
 
+@jax.custom_vjp
 def _diff_sq_dists(a: jax.Array, b: jax.Array) -> jax.Array:
     """Squared distances (n, d), (m, d) -> (n, m) from explicit differences.
 
-    Exactly 0 where ``a_i == b_j`` (no ``|a|^2 + |b|^2 - 2ab`` cancellation).
+    Exactly 0 where ``a_i == b_j`` (no ``|a|^2 + |b|^2 - 2ab`` cancellation). The forward
+    pass is one fused broadcast-reduce; the gradient is analytic and uses matrix products,
+    ``d/da_i = 2 sum_j g_ij (a_i - b_j)``: autodiff of the broadcast would materialise and
+    reduce (n, m, d) tensors, ~30x slower on CPU at d = 2048.
     """
     return jnp.sum(jnp.square(a[:, None, :] - b[None, :, :]), axis=-1)
+
+
+def _diff_sq_dists_fwd(a, b):
+    return _diff_sq_dists(a, b), (a, b)
+
+
+def _diff_sq_dists_bwd(residuals, g):
+    a, b = residuals
+    ga = 2.0 * (jnp.sum(g, axis=1)[:, None] * a - jnp.dot(g, b, precision=_HIGHEST))
+    gb = 2.0 * (jnp.sum(g, axis=0)[:, None] * b - jnp.dot(g.T, a, precision=_HIGHEST))
+    return ga, gb
+
+
+_diff_sq_dists.defvjp(_diff_sq_dists_fwd, _diff_sq_dists_bwd)
 
 
 def _multi_kernel(d2: jax.Array, sigmas: Sequence[float]) -> jax.Array:
@@ -237,9 +255,11 @@ def mmd(
         raise ValueError(f"x and y rows differ in size: {x.shape[1]} vs {y.shape[1]}")
     if normalize:
         x, y = _l2_normalize(x), _l2_normalize(y)
-    kxx = jnp.mean(_multi_kernel(_diff_sq_dists(x, x), sigmas))
-    kyy = jnp.mean(_multi_kernel(_diff_sq_dists(y, y), sigmas))
-    kxy = jnp.mean(_multi_kernel(_diff_sq_dists(x, y), sigmas))
+    # One distance matrix over the stacked samples, then its blocks: three separate
+    # broadcast-reduces let XLA fuse (and recompute) the normalisation into each, ~30x slower.
+    n, z = x.shape[0], jnp.concatenate([x, y])
+    k = _multi_kernel(_diff_sq_dists(z, z), sigmas)
+    kxx, kyy, kxy = jnp.mean(k[:n, :n]), jnp.mean(k[n:, n:]), jnp.mean(k[:n, n:])
     return jnp.maximum(kxx + kyy - 2.0 * kxy, 0.0)
 
 
