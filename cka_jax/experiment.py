@@ -19,7 +19,6 @@ import logging
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -35,7 +34,7 @@ from cka_jax.data import (
     train_kwargs,
     union_of_datasets,
 )
-from cka_jax.models import create_model
+from cka_jax.models import create_model, init_variables
 from cka_jax.train import methods
 from cka_jax.train.loop import fit
 from cka_jax.train.step import StepSpec, build_heads, make_optimizer
@@ -156,7 +155,7 @@ def train_teacher(cfg, m, taskset, dataset, t, out_dir: Path):
     train_split = task_subset(dataset.train, taskset, t)
     test_split = task_subset(dataset.test, taskset, t)
     seed = int(cfg.tasks.seed) + 1000 * (t + 1)
-    variables = model.init(jax.random.key(seed), jnp.zeros((1, *view_shape(cfg.augment))))
+    variables = init_variables(model, jax.random.key(seed), (1, *view_shape(cfg.augment)))
     total_steps = cfg.teacher_epochs * (len(train_split) // cfg.batch_size)
     spec = StepSpec(
         student=model,
@@ -204,7 +203,7 @@ def train_teacher(cfg, m, taskset, dataset, t, out_dir: Path):
 def init_student(cfg, taskset, seed):
     s = cfg.student
     model = create_model(s.arch, taskset.num_classes, stem=s.stem, width=s.width)
-    variables = model.init(jax.random.key(seed), jnp.zeros((1, *view_shape(cfg.augment))))
+    variables = init_variables(model, jax.random.key(seed), (1, *view_shape(cfg.augment)))
     variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
     if s.checkpoint:
         _, loaded, meta = checkpoint.load_model(s.checkpoint)

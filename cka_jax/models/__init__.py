@@ -8,7 +8,13 @@ from cka_jax.models.heads import (
     ResidualBlock,
     SharedExtractor,
 )
-from cka_jax.models.resnet import ARCHITECTURES, ResNet, create_model, feature_channels
+from cka_jax.models.resnet import (
+    ARCHITECTURES,
+    ResNet,
+    create_model,
+    feature_channels,
+    init_variables,
+)
 
 __all__ = [
     "ARCHITECTURES",
@@ -21,4 +27,5 @@ __all__ = [
     "SharedExtractor",
     "create_model",
     "feature_channels",
+    "init_variables",
 ]

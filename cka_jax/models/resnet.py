@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 # torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu').
@@ -183,6 +184,11 @@ def create_model(
         bn_axis_name=bn_axis_name,
         dtype=dtype,
     )
+
+
+def init_variables(model: nn.Module, rng, input_shape) -> dict:
+    """``model.init`` under jit: one compiled program rather than one per parameter shape."""
+    return jax.jit(model.init)(rng, jnp.zeros(input_shape, jnp.float32))
 
 
 def feature_channels(model: ResNet) -> int:

@@ -98,7 +98,6 @@ def fit(
     keep_checkpoints: int = 3,
     best_dir=None,
     best_meta: dict | None = None,
-    stop_after_steps: int | None = None,
 ) -> FitResult:
     """Trains ``spec.student`` (and heads) on ``split``; resumes from ``run_dir``.
 
@@ -106,8 +105,6 @@ def fit(
       evaluate: student variables -> metrics dict with 'merged_acc' (or 'acc'); run at
         each epoch end. The best student by that accuracy is saved to ``best_dir``.
       checkpoint_every: steps between checkpoints (0 = at each epoch end); always at the end.
-      stop_after_steps: stop (after checkpointing) once this global step is reached; for
-        tests of interrupted runs.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -190,8 +187,6 @@ def fit(
             if done % checkpoint_every == 0 or done == total_steps:
                 flush()
                 checkpoints.save(done, runner.get_state(state), meta)
-            if stop_after_steps is not None and done >= stop_after_steps:
-                break
         flush()
     finally:
         metrics_log.close()

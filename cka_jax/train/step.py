@@ -87,16 +87,22 @@ def create_train_state(spec: StepSpec, student_variables, teacher_variables, rng
     """Initialises the heads (if any) and the optimiser around given student variables."""
     params = {"student": student_variables["params"], "heads": {}}
     if spec.heads is not None:
-        x = jnp.zeros((2, *spec.view_shape), jnp.float32)
-        _, s_feat = spec.student.apply(student_variables, x)
-        t_feats = [t.apply(v, x)[1] for t, v in zip(spec.teachers, teacher_variables, strict=True)]
-        head_vars = spec.heads.init(jax.random.fold_in(rng, 1), s_feat, t_feats, s_feat)
-        params["heads"] = head_vars["params"]
+
+        @jax.jit
+        def init_heads(student_variables, teacher_variables):
+            x = jnp.zeros((2, *spec.view_shape), jnp.float32)
+            _, s_feat = spec.student.apply(student_variables, x)
+            t_feats = [
+                t.apply(v, x)[1] for t, v in zip(spec.teachers, teacher_variables, strict=True)
+            ]
+            return spec.heads.init(jax.random.fold_in(rng, 1), s_feat, t_feats, s_feat)
+
+        params["heads"] = init_heads(student_variables, teacher_variables)["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=student_variables.get("batch_stats", {}),
-        opt_state=spec.tx.init(params),
+        opt_state=jax.jit(spec.tx.init)(params),
         rng=jnp.asarray(jax.random.key_data(jax.random.fold_in(rng, 2)), jnp.uint32),
     )
 

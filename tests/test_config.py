@@ -1,0 +1,106 @@
+"""Config errors name the wrong field or value and list the valid ones."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cka_jax.config import base_config, validate
+from tests import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_main(tmp_path, *overrides):
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cka_jax.main",
+            f"--config={REPO / 'tests' / 'tiny_config.py'}",
+            f"--workdir={tmp_path / 'w'}",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+
+
+def test_misspelled_override_is_rejected_before_any_work(tmp_path):
+    out = run_main(tmp_path, "--config.epochz=3")
+    assert out.returncode != 0
+    assert "epochz" in out.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_unknown_method_lists_the_valid_ones(tmp_path):
+    out = run_main(tmp_path, "--config.methods=('kd','ckaa')")
+    assert out.returncode == 2
+    assert "ckaa" in out.stderr
+    for valid in ("kd", "cfl", "cka", "cka_intra", "cka_inter", "supervised"):
+        assert valid in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_misspelled_field_in_a_config_file_lists_valid_fields():
+    cfg = tiny_config.get_config()
+    cfg.lossses = {}
+    with pytest.raises(ValueError, match=r"unknown config field 'lossses'.*loss"):
+        validate(cfg)
+    cfg = tiny_config.get_config()
+    cfg.loss.margn = 0.3
+    with pytest.raises(ValueError, match=r"unknown config field 'loss.margn'.*margin"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("parallelism", "pmapp", "parallelism"),
+        ("seeds", (), "seeds"),
+        ("batch_size", 0, "batch_size"),
+    ],
+)
+def test_invalid_values_are_clear_errors(field, value, match):
+    cfg = base_config()
+    cfg[field] = value
+    with pytest.raises(ValueError, match=match):
+        validate(cfg)
+
+
+def test_inter_kind_must_be_a_table3_distance():
+    cfg = base_config()
+    cfg.loss.inter_kind = "manhattan"
+    with pytest.raises(ValueError, match="euclidean"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("name", ["default", "cars_aircraft", "dogs", "cars", "cub", "aircraft"])
+def test_shipped_configs_validate(name, monkeypatch):
+    import importlib
+
+    monkeypatch.syspath_prepend(str(REPO))
+    validate(importlib.import_module(f"configs.{name}").get_config())
+
+
+def test_paper_config_without_data_stops_with_the_data_layers_error(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cka_jax.main",
+            f"--config={REPO / 'configs' / 'aircraft.py'}",
+            f"--workdir={tmp_path / 'w'}",
+            f"--config.data.root={tmp_path / 'nowhere'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert "nowhere" in out.stderr and "images_variant_trainval.txt" in out.stderr
+    assert "Traceback" not in out.stderr
