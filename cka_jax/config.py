@@ -37,6 +37,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher = model_config("resnet18")
     c.teachers = ()
     c.teacher_epochs = 100
+    # Fraction of each task's labelled training images the teachers are trained on (per
+    # class, seeded). Below 1 the student, which sees every training image unlabelled, has
+    # more data than its teachers, as when specialists were trained on small labelled sets.
+    c.teacher_data_fraction = 1.0
     c.teacher_optimizer = ml_collections.ConfigDict(dict(learning_rate=5e-4, weight_decay=5e-4))
 
     c.student = model_config("resnet18")
@@ -104,6 +108,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.parallelism={cfg.parallelism!r}; valid: {PARALLELISM}")
     if cfg.loss.inter_kind not in INTER_KINDS:
         raise ValueError(f"config.loss.inter_kind={cfg.loss.inter_kind!r}; valid: {INTER_KINDS}")
+    if not 0 < cfg.teacher_data_fraction <= 1:
+        raise ValueError(
+            f"config.teacher_data_fraction must lie in (0, 1], got {cfg.teacher_data_fraction}"
+        )
     for field in ("epochs", "teacher_epochs", "batch_size", "eval_batch_size"):
         if int(cfg[field]) < (0 if field == "teacher_epochs" else 1):
             raise ValueError(f"config.{field} must be a positive integer, got {cfg[field]}")

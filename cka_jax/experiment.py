@@ -148,13 +148,27 @@ def get_teachers(cfg, taskset, dataset, workdir: Path):
     return teachers
 
 
+def per_class_fraction(split, fraction: float, seed: int):
+    """The first ``ceil(fraction * n_c)`` images of each class in a seeded order."""
+    if fraction >= 1:
+        return split
+    order = np.random.default_rng(seed).permutation(len(split))
+    keep = []
+    for c in np.unique(split.labels):
+        members = order[split.labels[order] == c]
+        keep.append(members[: int(np.ceil(fraction * len(members)))])
+    return split.take(np.sort(np.concatenate(keep)))
+
+
 def train_teacher(cfg, m, taskset, dataset, t, out_dir: Path):
     name = taskset.names[t]
     num_classes = taskset.sizes[t]
     model = create_model(m.arch, num_classes, stem=m.stem, width=m.width)
-    train_split = task_subset(dataset.train, taskset, t)
-    test_split = task_subset(dataset.test, taskset, t)
     seed = int(cfg.tasks.seed) + 1000 * (t + 1)
+    train_split = per_class_fraction(
+        task_subset(dataset.train, taskset, t), cfg.teacher_data_fraction, seed
+    )
+    test_split = task_subset(dataset.test, taskset, t)
     variables = init_variables(model, jax.random.key(seed), (1, *view_shape(cfg.augment)))
     total_steps = cfg.teacher_epochs * (len(train_split) // cfg.batch_size)
     spec = StepSpec(

@@ -115,5 +115,5 @@ def test_exported_student_predicts_top5_by_class_name(all_methods_run, tmp_path)
         lines = block.splitlines()
         assert lines[0].startswith(path)
         assert len(lines) == 6  # header + top-5
-        names = [line.split()[1] for line in lines[1:]]
+        names = [line.split()[0] for line in lines[1:]]
         assert set(names) <= set(meta["class_names"]) and len(set(names)) == 5
