@@ -15,9 +15,15 @@ from cka_jax.train.methods import INTER_KINDS, TRAINED_METHODS
 from cka_jax.train.step import PARALLELISM
 
 
-def model_config(arch="resnet18", width=64, stem="imagenet", checkpoint=""):
-    """A model: architecture, first-stage width, stem, optional checkpoint to start from."""
-    return ml_collections.ConfigDict(dict(arch=arch, width=width, stem=stem, checkpoint=checkpoint))
+def model_config(arch="resnet18", width=64, stem="imagenet", checkpoint="", finetune=False):
+    """A model: architecture, first-stage width, stem, and an optional checkpoint.
+
+    A teacher with a checkpoint is loaded and frozen, or, with ``finetune=True``, trained on
+    its task starting from it (a new classifier if the class count differs). A student
+    always trains, starting from its checkpoint when one is given.
+    """
+    fields = dict(arch=arch, width=width, stem=stem, checkpoint=checkpoint, finetune=finetune)
+    return ml_collections.ConfigDict(fields)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -32,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.augment = augment_config("imagenet")
 
     # Teachers: `teacher` is the default for every task; `teachers` (a tuple of dicts with
-    # any of arch/width/stem/checkpoint) overrides it per task, in task order. A checkpoint
+    # any of arch/width/stem/checkpoint/finetune) overrides it per task, in task order. A checkpoint
     # is loaded and frozen; without one, the teacher is trained on its task's labels.
     c.teacher = model_config("resnet18")
     c.teachers = ()

@@ -132,7 +132,7 @@ def get_teachers(cfg, taskset, dataset, workdir: Path):
     ):
         task_classes = [taskset.class_names[c] for c in taskset.classes[t]]
         out_dir = workdir / "teachers" / name
-        if m.checkpoint:
+        if m.checkpoint and not m.finetune:
             model, variables, meta = checkpoint.load_model(m.checkpoint)
             if meta["num_classes"] != len(task_classes):
                 raise checkpoint.CheckpointError(
@@ -163,13 +163,12 @@ def per_class_fraction(split, fraction: float, seed: int):
 def train_teacher(cfg, m, taskset, dataset, t, out_dir: Path):
     name = taskset.names[t]
     num_classes = taskset.sizes[t]
-    model = create_model(m.arch, num_classes, stem=m.stem, width=m.width)
     seed = int(cfg.tasks.seed) + 1000 * (t + 1)
+    model, variables = init_model(m, num_classes, seed, cfg.augment, "teacher")
     train_split = per_class_fraction(
         task_subset(dataset.train, taskset, t), cfg.teacher_data_fraction, seed
     )
     test_split = task_subset(dataset.test, taskset, t)
-    variables = init_variables(model, jax.random.key(seed), (1, *view_shape(cfg.augment)))
     total_steps = cfg.teacher_epochs * (len(train_split) // cfg.batch_size)
     spec = StepSpec(
         student=model,
@@ -214,25 +213,29 @@ def train_teacher(cfg, m, taskset, dataset, t, out_dir: Path):
 # --- amalgamation -------------------------------------------------------------------------
 
 
-def init_student(cfg, taskset, seed):
-    s = cfg.student
-    model = create_model(s.arch, taskset.num_classes, stem=s.stem, width=s.width)
-    variables = init_variables(model, jax.random.key(seed), (1, *view_shape(cfg.augment)))
+def init_model(m, num_classes: int, seed: int, aug_cfg, what: str):
+    """A fresh model, or one starting from ``m.checkpoint`` (a new classifier when the
+    checkpoint's class count differs, e.g. an ImageNet backbone)."""
+    model = create_model(m.arch, num_classes, stem=m.stem, width=m.width)
+    variables = init_variables(model, seed, (1, *view_shape(aug_cfg)))
     variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-    if s.checkpoint:
-        _, loaded, meta = checkpoint.load_model(s.checkpoint)
-        if meta["arch"] != s.arch:
+    if m.checkpoint:
+        _, loaded, meta = checkpoint.load_model(m.checkpoint)
+        if meta["arch"] != m.arch:
             raise checkpoint.CheckpointError(
-                f"student checkpoint {s.checkpoint} is a {meta['arch']}, config.student.arch "
-                f"is {s.arch}"
+                f"{what} checkpoint {m.checkpoint} is a {meta['arch']}, but the config asks "
+                f"for a {m.arch}: set the {what}'s arch to {meta['arch']!r}"
             )
         fresh_fc = variables["params"]["fc"]
         variables = jax.tree.map(np.asarray, dict(loaded))
         variables["params"] = dict(variables["params"])
-        if meta["num_classes"] != taskset.num_classes:
-            # A pretrained backbone (e.g. ImageNet): keep it, start a new classifier.
+        if meta["num_classes"] != num_classes:
             variables["params"]["fc"] = fresh_fc
     return model, variables
+
+
+def init_student(cfg, taskset, seed):
+    return init_model(cfg.student, taskset.num_classes, seed, cfg.augment, "student")
 
 
 def run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir: Path) -> dict:

@@ -20,7 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 def all_methods_run(tmp_path_factory):
     cfg = tiny_config.get_config()
     cfg.methods = TRAINED_METHODS
-    cfg.epochs = 3
     cfg.loss.inter_kind = "mmd"
     workdir = tmp_path_factory.mktemp("all_methods")
     table = experiment.run(cfg, workdir)
@@ -117,3 +116,26 @@ def test_exported_student_predicts_top5_by_class_name(all_methods_run, tmp_path)
         assert len(lines) == 6  # header + top-5
         names = [line.split()[0] for line in lines[1:]]
         assert set(names) <= set(meta["class_names"]) and len(set(names)) == 5
+
+
+def test_finetuned_teachers_and_a_student_from_a_checkpoint(all_methods_run, tmp_path):
+    cfg, workdir, _ = all_methods_run
+    trained = [workdir / "teachers" / t for t in ("task0", "task1")]
+    cfg = tiny_config.get_config()
+    cfg.teachers = tuple({"checkpoint": str(p), "finetune": True} for p in trained)
+    cfg.teacher_epochs = 1
+    # A 5-class teacher as the student's starting point: backbone kept, new 10-way classifier.
+    cfg.student.checkpoint = str(trained[0])
+    cfg.epochs = 1
+    experiment.run(cfg, tmp_path)
+    _, start, _ = load_model(trained[0])
+    for t in (0, 1):
+        assert (tmp_path / "teachers" / f"task{t}.run" / "metrics.jsonl").exists()
+        _, tuned, _ = load_model(tmp_path / "teachers" / f"task{t}")
+        _, original, _ = load_model(trained[t])
+        before = np.asarray(original["params"]["conv1"]["kernel"])
+        after = np.asarray(tuned["params"]["conv1"]["kernel"])
+        assert not np.array_equal(before, after)  # it trained ...
+        assert np.abs(after - before).max() < np.abs(before).max()  # ... starting from it
+    student_metrics = read_metrics(tmp_path / "runs" / "kd" / "seed_0" / "metrics.jsonl")
+    assert student_metrics  # the student ran from the 5-class checkpoint's backbone

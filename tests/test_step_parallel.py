@@ -114,10 +114,12 @@ def test_single_mesh_and_pmap_compute_the_same_step(method_name, overrides):
     assert int(ref_state.step) == 2
     for mode in ("mesh", "pmap"):
         got_state, got_metrics = results[mode]
-        for ref, got in zip(ref_metrics, got_metrics, strict=True):
+        for step, (ref, got) in enumerate(zip(ref_metrics, got_metrics, strict=True)):
             assert set(ref) == set(got)
+            # Step 1 starts from identical parameters; step 2 inherits step 1's rounding.
+            rtol = 2e-4 if step == 0 else 1e-3
             for key in ref:
-                np.testing.assert_allclose(got[key], ref[key], rtol=2e-4, atol=1e-5, err_msg=key)
+                np.testing.assert_allclose(got[key], ref[key], rtol=rtol, atol=1e-5, err_msg=key)
         # Compare the parameter updates leaf by leaf, relative to each leaf's largest update:
         # the sigma=0.001 MMD kernel amplifies float32 reduction-order rounding, so an
         # absolute bound on single elements would measure rounding, not the step.
