@@ -71,25 +71,14 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     subprocess.run(main_command(reference), cwd=REPO, env=env, check=True, capture_output=True)
 
     interrupted = tmp_path / "interrupted"
+
     # Kill twice: once while a teacher trains, once in the middle of the amalgamation.
-    proc = subprocess.Popen(
-        main_command(interrupted),
-        cwd=REPO,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    kill_when(proc, lambda: any((interrupted / "teachers").glob("task0.run/checkpoints/*")))
-    proc = subprocess.Popen(
-        main_command(interrupted),
-        cwd=REPO,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    kill_when(proc, lambda: any(s >= 4 for s in checkpoint_steps(interrupted)))
+    def start():
+        return subprocess.Popen(main_command(interrupted), cwd=REPO, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+
+    kill_when(start(), lambda: any((interrupted / "teachers").glob("task0.run/checkpoints/*")))
+    kill_when(start(), lambda: any(s >= 4 for s in checkpoint_steps(interrupted)))
     killed_at = max(checkpoint_steps(interrupted))
     assert killed_at < 20, "killed after the run had finished"
     done = subprocess.run(

@@ -75,24 +75,12 @@ def augment_config(preset: str = "imagenet") -> ml_collections.ConfigDict:
             )
         )
     if preset == "mnist":
-        return ml_collections.ConfigDict(
-            dict(
-                out_size=28,
-                channels=3,
-                mean=MNIST_MEAN,
-                std=MNIST_STD,
-                crop_scale=(0.6, 1.0),
-                ratio=(3 / 4, 4 / 3),
-                flip=False,
-                color_jitter=(0.4, 0.4, 0.0, 0.0),
-                jitter_prob=0.8,
-                grayscale_prob=0.0,
-                blur_prob=0.0,
-                blur_sigma=(0.1, 2.0),
-                blur_kernel=None,
-                crop_fraction=1.0,
-            )
-        )
+        cfg = augment_config("imagenet")
+        cfg.update(
+            out_size=28, mean=MNIST_MEAN, std=MNIST_STD, crop_scale=(0.6, 1.0), flip=False,
+            color_jitter=(0.4, 0.4, 0.0, 0.0), blur_prob=0.0, crop_fraction=1.0,
+        )  # fmt: skip
+        return cfg
     raise ValueError(f"unknown augmentation preset {preset!r}; use 'imagenet' or 'mnist'")
 
 
