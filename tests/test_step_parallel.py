@@ -59,7 +59,7 @@ def build(method_name, **loss_overrides):
     spec = StepSpec(
         student=student,
         teachers=teachers if method.uses_teachers else (),
-        heads=build_heads(method, teachers, None),
+        heads=build_heads(method, teachers),
         method=method,
         loss_cfg=loss_cfg,
         augment=noisy_views,

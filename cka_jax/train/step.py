@@ -29,7 +29,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cka_jax.models import AmalgamationHeads, ResNet
+from cka_jax.models import AmalgamationHeads, ResNet, feature_channels
 from cka_jax.train.methods import Method, total_loss
 
 PMAP_AXIS = "batch"
@@ -70,9 +70,7 @@ def make_optimizer(learning_rate: float, weight_decay: float, total_steps: int):
     )
 
 
-def build_heads(method: Method, teachers: tuple[ResNet, ...], cfg) -> AmalgamationHeads | None:
-    from cka_jax.models import feature_channels
-
+def build_heads(method: Method, teachers: tuple[ResNet, ...]) -> AmalgamationHeads | None:
     if method.common_space is None and not method.projection:
         return None
     return AmalgamationHeads(
@@ -240,7 +238,3 @@ class Runner:
         if self.parallelism == "pmap":
             metrics = jax.tree.map(lambda a: a[0], metrics)
         return state, metrics
-
-    def step_number(self, state) -> int:
-        step = state.step[0] if self.parallelism == "pmap" else state.step
-        return int(step)
