@@ -51,6 +51,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.student = model_config("resnet18")
     c.methods = ("kd", "cfl", "cka")
+    # Named variants of a method, usable in `methods` like a method (ablations, student
+    # sizes) and sharing this experiment's teachers, e.g.
+    #   c.variants = {"cka_cosine": dict(method="cka_inter", loss=dict(inter_kind="cosine")),
+    #                 "cka_w4": dict(method="cka", student=dict(width=4))}
+    c.variants = ml_collections.ConfigDict()
     c.seeds = (0,)
     c.epochs = 100
     c.batch_size = 64
@@ -87,7 +92,7 @@ def _check_keys(cfg, reference, path=""):
         if isinstance(sub, ml_collections.ConfigDict) and isinstance(
             ref, ml_collections.ConfigDict
         ):
-            if key in ("data", "augment"):  # checked by the data layer
+            if key in ("data", "augment", "variants"):  # checked elsewhere
                 continue
             _check_keys(sub, ref, f"{path}{key}.")
 
@@ -99,14 +104,55 @@ def _check_model(m, what):
         raise ValueError(f"{what}.stem={m.stem!r}: use 'imagenet' or 'small'")
 
 
+def resolve_method(cfg, name: str):
+    """Returns ``(method, loss config, student model config)`` for a method or variant name."""
+    if name not in cfg.variants:
+        return name, cfg.loss, cfg.student
+    variant = cfg.variants[name]
+    loss = ml_collections.ConfigDict(cfg.loss.to_dict())
+    loss.update(dict(variant.get("loss", {})))
+    student = ml_collections.ConfigDict(cfg.student.to_dict())
+    student.update(dict(variant.get("student", {})))
+    return variant.method, loss, student
+
+
+def _check_variants(cfg):
+    allowed = {"method": None, "loss": cfg.loss, "student": cfg.student}
+    for name, variant in cfg.variants.items():
+        where = f"config.variants.{name}"
+        if name in TRAINED_METHODS:
+            raise ValueError(f"{where}: the name is a built-in method; choose another name")
+        if variant.get("method") not in TRAINED_METHODS:
+            raise ValueError(
+                f"{where}.method={variant.get('method')!r}; valid: {', '.join(TRAINED_METHODS)}"
+            )
+        for key, value in variant.items():
+            if key not in allowed:
+                raise ValueError(f"{where} has unknown field {key!r}; valid: {sorted(allowed)}")
+            if key != "method":
+                unknown = set(value.keys()) - set(allowed[key].keys())
+                if unknown:
+                    raise ValueError(
+                        f"{where}.{key} has unknown fields {sorted(unknown)}; "
+                        f"valid: {sorted(allowed[key].keys())}"
+                    )
+        _, loss, student = resolve_method(cfg, name)
+        if loss.inter_kind not in INTER_KINDS:
+            raise ValueError(f"{where}.loss.inter_kind={loss.inter_kind!r}; valid: {INTER_KINDS}")
+        _check_model(student, f"{where}.student")
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first wrong field and the valid choices."""
     _check_keys(cfg, base_config())
-    bad = [m for m in cfg.methods if m not in TRAINED_METHODS]
+    _check_variants(cfg)
+    bad = [m for m in cfg.methods if m not in TRAINED_METHODS and m not in cfg.variants]
     if bad:
         raise ValueError(
             f"unknown method(s) {bad} in config.methods; valid methods are "
-            f"{', '.join(TRAINED_METHODS)} (teacher and ensemble rows are always reported)"
+            f"{', '.join(TRAINED_METHODS)} or a name in config.variants "
+            f"({', '.join(cfg.variants.keys()) or 'none defined'}); teacher and ensemble rows "
+            "are always reported"
         )
     if not cfg.seeds:
         raise ValueError("config.seeds is empty: give at least one integer seed")

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from cka_jax import checkpoint, evaluate, report
-from cka_jax.config import validate
+from cka_jax.config import resolve_method, validate
 from cka_jax.data import (
     augment_with_keys,
     eval_kwargs,
@@ -234,18 +234,17 @@ def init_model(m, num_classes: int, seed: int, aug_cfg, what: str):
     return model, variables
 
 
-def init_student(cfg, taskset, seed):
-    return init_model(cfg.student, taskset.num_classes, seed, cfg.augment, "student")
-
-
 def run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir: Path) -> dict:
     """Trains one method with one seed (resuming if interrupted); returns its report row."""
     run_dir = workdir / "runs" / method_name / f"seed_{seed}"
     result_file = run_dir / "result.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
-    method = methods.build_method(method_name, cfg.loss)
-    student, student_vars = init_student(cfg, taskset, seed)
+    base_method, loss_cfg, student_cfg = resolve_method(cfg, method_name)
+    method = methods.build_method(base_method, loss_cfg)
+    student, student_vars = init_model(
+        student_cfg, taskset.num_classes, seed, cfg.augment, "student"
+    )
     teacher_models = tuple(m for m, _ in teachers) if method.uses_teachers else ()
     teacher_vars = [v for _, v in teachers] if method.uses_teachers else []
     steps_per_epoch = len(dataset.train) // cfg.batch_size
@@ -254,7 +253,7 @@ def run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir: Path
         teachers=teacher_models,
         heads=build_heads(method, teacher_models),
         method=method,
-        loss_cfg=ml_collections.FrozenConfigDict(cfg.loss),
+        loss_cfg=ml_collections.FrozenConfigDict(loss_cfg),
         augment=make_augment(cfg.augment),
         view_shape=view_shape(cfg.augment),
         tx=make_optimizer(
@@ -268,7 +267,7 @@ def run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir: Path
         return evaluate.accuracies(scorer.logits(v, test), test.labels, taskset)
 
     meta = model_meta(
-        cfg.student, taskset.num_classes, cfg.augment, taskset.class_names,
+        student_cfg, taskset.num_classes, cfg.augment, taskset.class_names,
         method=method_name, seed=seed, source_image_size=int(dataset.image_shape[0]),
         source_channels=int(dataset.image_shape[2]),
     )  # fmt: skip
@@ -294,6 +293,7 @@ def run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir: Path
     final = result.history[-1]
     row = {
         "method": method_name,
+        "base_method": base_method,
         "seed": int(seed),
         "merged_acc": final["merged_acc"],
         "task_acc": final["task_acc"],
@@ -309,7 +309,8 @@ def export_student(workdir: Path, rows: list[dict]) -> None:
     """Copies the best amalgamated (label-free) student to workdir/student/."""
     candidates = [
         r for r in rows
-        if r.get("best_merged_acc") is not None and r["method"] != "supervised"
+        if r.get("best_merged_acc") is not None
+        and r.get("base_method", r["method"]) != "supervised"
     ]  # fmt: skip
     if not candidates:
         return

@@ -38,13 +38,13 @@ def summarize(rows: list[dict]) -> dict:
     return summary
 
 
-def _cell(mean, std, n):
+def cell(mean, std, n):
     if mean is None:
         return "-"
     return f"{mean:.2f}" if n < 2 else f"{mean:.2f} ± {std:.2f}"
 
 
-def _params(n):
+def params_text(n):
     if n is None:
         return "-"
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
@@ -55,8 +55,12 @@ def markdown_table(summary: dict, task_names) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, s in summary.items():
         n = len(s["seeds"])
-        cells = [method, _params(s["params"]), _cell(s["merged_acc_mean"], s["merged_acc_std"], n)]
-        cells += [_cell(s["task_acc_mean"][t], s["task_acc_std"][t], n) for t in task_names]
+        cells = [
+            method,
+            params_text(s["params"]),
+            cell(s["merged_acc_mean"], s["merged_acc_std"], n),
+        ]
+        cells += [cell(s["task_acc_mean"][t], s["task_acc_std"][t], n) for t in task_names]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

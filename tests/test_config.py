@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cka_jax.config import base_config, validate
+from cka_jax.config import base_config, resolve_method, validate
 from tests import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,3 +104,36 @@ def test_paper_config_without_data_stops_with_the_data_layers_error(tmp_path):
     assert out.returncode == 2
     assert "nowhere" in out.stderr and "images_variant_trainval.txt" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "variant, message",
+    [
+        (dict(method="kdd"), "kdd"),
+        (dict(method="cka", loss=dict(inter_kindd="mmd")), "inter_kindd"),
+        (dict(method="cka", loss=dict(inter_kind="manhattan")), "manhattan"),
+        (dict(method="cka", student=dict(arch="vgg")), "vgg"),
+        (dict(method="cka", optimizer=dict(learning_rate=1.0)), "optimizer"),
+    ],
+)
+def test_a_wrong_variant_is_named_with_the_valid_choices(variant, message):
+    cfg = tiny_config.get_config()
+    cfg.variants = {"mine": variant}
+    cfg.methods = ("mine",)
+    with pytest.raises(ValueError, match=message) as err:
+        validate(cfg)
+    assert "config.variants.mine" in str(err.value)
+
+
+def test_variants_resolve_over_the_base_config_and_may_not_shadow_a_method():
+    cfg = tiny_config.get_config()
+    cfg.variants = {"cka_cos": dict(method="cka_inter", loss=dict(inter_kind="cosine"))}
+    cfg.methods = ("kd", "cka_cos")
+    validate(cfg)
+    method, loss, student = resolve_method(cfg, "cka_cos")
+    assert (method, loss.inter_kind, loss.margin) == ("cka_inter", "cosine", cfg.loss.margin)
+    assert student.width == cfg.student.width and cfg.loss.inter_kind == "euclidean"
+    assert resolve_method(cfg, "kd") == ("kd", cfg.loss, cfg.student)
+    cfg.variants = {"cka": dict(method="kd")}
+    with pytest.raises(ValueError, match="built-in method"):
+        validate(cfg)

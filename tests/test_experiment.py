@@ -5,11 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 from cka_jax import experiment
 from cka_jax.checkpoint import load_model
+from cka_jax.models import create_model, init_variables
 from cka_jax.train.methods import TRAINED_METHODS
 from tests import tiny_config
 
@@ -139,3 +141,26 @@ def test_finetuned_teachers_and_a_student_from_a_checkpoint(all_methods_run, tmp
         assert np.abs(after - before).max() < np.abs(before).max()  # ... starting from it
     student_metrics = read_metrics(tmp_path / "runs" / "kd" / "seed_0" / "metrics.jsonl")
     assert student_metrics  # the student ran from the 5-class checkpoint's backbone
+
+
+def test_a_method_variant_trains_its_own_student_beside_the_shared_teachers(
+    all_methods_run, tmp_path
+):
+    cfg, workdir, _ = all_methods_run
+    cfg = tiny_config.get_config()
+    cfg.teachers = tuple({"checkpoint": str(workdir / "teachers" / t)} for t in ("task0", "task1"))
+    cfg.variants = {"kd_wide": dict(method="kd", student=dict(width=8))}
+    cfg.methods = ("kd_wide",)
+    cfg.epochs = 1
+    experiment.run(cfg, tmp_path)
+    row = json.loads((tmp_path / "results.json").read_text())["rows"][-1]
+    assert (row["method"], row["base_method"]) == ("kd_wide", "kd")
+    wide = create_model("resnet10", 10, stem="small", width=8)
+    expected = sum(
+        x.size for x in jax.tree.leaves(init_variables(wide, 0, (1, 28, 28, 1))["params"])
+    )
+    assert row["params"] == expected
+    steps = read_metrics(tmp_path / "runs" / "kd_wide" / "seed_0" / "metrics.jsonl")
+    assert {k for k in steps[0] if k.startswith("loss/")} == {"loss/kd"}
+    _, _, meta = load_model(tmp_path / "runs" / "kd_wide" / "seed_0" / "best")
+    assert meta["width"] == 8 and meta["method"] == "kd_wide"

@@ -1,0 +1,335 @@
+"""Tables and figures of the reproduction study, from the runs' results.json / metrics.jsonl.
+
+Writes into ``out``:
+  tables.md                 Table 2 (per setting), Table 3, Table 4, more teachers, wall times
+  study.json                every row of every seed, the runs' wall times, the machine
+  accuracy_vs_epoch.png     merged test accuracy after each epoch, mean over seeds
+  table2_bars.png           the Table 2 analogues with +-1 std error bars
+  tsne_common_space.png     t-SNE of student and teacher features in the learned common space
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import jax  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cka_jax import experiment, report  # noqa: E402
+from cka_jax.config import resolve_method  # noqa: E402
+from cka_jax.models import create_model  # noqa: E402
+from cka_jax.train import methods  # noqa: E402
+from cka_jax.train.step import build_heads  # noqa: E402
+from configs import study  # noqa: E402
+
+TABLE2 = ("supervised", "teachers", "ensemble", "kd", "cfl", "cka_intra", "cka_inter", "cka")
+LABELS = {
+    "supervised": "Supervised",
+    "ensemble": "Ensemble",
+    "kd": "Vanilla KD",
+    "cfl": "CFL",
+    "cka_intra": "CKA-Intra",
+    "cka_inter": "CKA-Inter",
+    "cka": "CKA",
+}
+SETTINGS = {"base": "teachers on 25% of their digits", "hard": "teachers on 10% of their digits"}
+
+
+def label(method: str) -> str:
+    if method.startswith("teacher:task"):
+        return f"Teacher {int(method.removeprefix('teacher:task')) + 1}"
+    return LABELS.get(method, method)
+
+
+def run_dir(workdir: Path, experiment: str, seed: int) -> Path:
+    return workdir / experiment / f"seed_{seed}"
+
+
+def load_rows(workdir: Path, experiment: str, seeds) -> list[dict]:
+    rows = []
+    for seed in seeds:
+        path = run_dir(workdir, experiment, seed) / "results.json"
+        if path.exists():
+            for row in json.loads(path.read_text())["rows"]:
+                rows.append({**row, "seed": seed})
+    return rows
+
+
+def ordered(summary: dict, order) -> list[str]:
+    out = []
+    for name in order:
+        if name == "teachers":
+            out += [m for m in summary if m.startswith("teacher:")]
+        elif name in summary:
+            out.append(name)
+    return out
+
+
+def table(summary: dict, names, *, titles=None, tasks=True) -> str:
+    task_names = list(summary[names[0]]["task_acc_mean"]) if tasks else []
+    header = ["Method", "Params", "Merged", *task_names]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for i, name in enumerate(names):
+        s = summary[name]
+        n = len(s["seeds"])
+        cells = [titles[i] if titles else label(name), report.params_text(s["params"])]
+        cells.append(report.cell(s["merged_acc_mean"], s["merged_acc_std"], n))
+        cells += [report.cell(s["task_acc_mean"][t], s["task_acc_std"][t], n) for t in task_names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def titled_table(summary: dict, rows) -> str:
+    """A table of ``(title, method)`` rows, leaving out methods that did not run."""
+    rows = [(title, name) for title, name in rows if name in summary]
+    return table(summary, [n for _, n in rows], titles=[t for t, _ in rows])
+
+
+def table3(summary: dict) -> str:
+    return titled_table(
+        summary,
+        [
+            ("CKA (all terms, Eq. 12)", "cka"),
+            ("without intra-model contrast (= CKA-Inter)", "cka_inter"),
+            ("without inter-model contrast (= CKA-Intra)", "cka_intra"),
+            ("without alignment (MMD, Eq. 6)", "cka_no_align"),
+            ("without reconstruction guard", "cka_no_recon"),
+            ("CKA-Inter, euclidean distance", "cka_inter"),
+            ("CKA-Inter, cosine distance", "cka_inter_cosine"),
+            ("CKA-Inter, MMD distance", "cka_inter_mmd"),
+        ],
+    )
+
+
+def table4(summary: dict, cfg) -> str:
+    teachers = experiment.teacher_model_configs(cfg, len(cfg.teachers))
+    rows = [
+        (f"Teacher {t + 1} ({m.arch}, width {m.width})", f"teacher:task{t}")
+        for t, m in enumerate(teachers)
+    ]
+    rows += [("Ensemble", "ensemble"), (f"Vanilla KD (student width {cfg.student.width})", "kd")]
+    widths = {"cka": cfg.student.width, **{n: v.student.width for n, v in cfg.variants.items()}}
+    rows += [(f"CKA (student width {w})", n) for n, w in sorted(widths.items(), key=lambda x: x[1])]
+    return titled_table(summary, rows)
+
+
+def teachers_table(summaries: dict) -> str:
+    """Merged accuracy against the number of teachers (CFL Table 6)."""
+    lines = [
+        "| Teachers | Teacher task acc. (mean) | Ensemble | Vanilla KD | CKA |",
+        "|---|---|---|---|---|",
+    ]
+    for n, summary in summaries.items():
+        teacher_acc = [
+            np.mean([v for v in s["task_acc_mean"].values() if v is not None])
+            for m, s in summary.items()
+            if m.startswith("teacher:")
+        ]
+        cells = [str(n), f"{np.mean(teacher_acc):.2f}"]
+        for method in ("ensemble", "kd", "cka"):
+            s = summary[method]
+            cells.append(report.cell(s["merged_acc_mean"], s["merged_acc_std"], len(s["seeds"])))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --- figures ------------------------------------------------------------------------------
+
+
+def epoch_curves(workdir: Path, experiment: str, seeds, method: str):
+    curves = []
+    for seed in seeds:
+        path = run_dir(workdir, experiment, seed) / "runs" / method / f"seed_{seed}"
+        path = path / "metrics.jsonl"
+        if path.exists():
+            lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            curves.append([x["eval/merged_acc"] for x in lines if "eval/merged_acc" in x])
+    if not curves:
+        return None
+    length = min(len(c) for c in curves)
+    return np.mean([c[:length] for c in curves], axis=0)
+
+
+def plot_curves(workdir, out: Path, experiments, seeds, summaries):
+    fig, axes = plt.subplots(1, len(experiments), figsize=(6 * len(experiments), 4.2))
+    for ax, exp in zip(np.atleast_1d(axes), experiments, strict=True):
+        for method in ("supervised", "kd", "cfl", "cka_intra", "cka_inter", "cka"):
+            curve = epoch_curves(workdir, exp, seeds, method)
+            if curve is not None:
+                ax.plot(np.arange(1, len(curve) + 1), curve, marker="o", label=label(method))
+        ensemble = summaries[exp].get("ensemble")
+        if ensemble:
+            ax.axhline(ensemble["merged_acc_mean"], color="k", ls="--", label="Ensemble")
+        ax.set(title=f"{exp}: {SETTINGS.get(exp, '')}", xlabel="epoch", ylabel="merged acc. (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_epoch.png", dpi=110)
+    plt.close(fig)
+
+
+def plot_bars(out: Path, summaries, experiments):
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    names = ordered(summaries[experiments[0]], TABLE2)
+    width = 0.8 / len(experiments)
+    for i, exp in enumerate(experiments):
+        s = summaries[exp]
+        means = [s[n]["merged_acc_mean"] for n in names]
+        stds = [s[n]["merged_acc_std"] for n in names]
+        x = np.arange(len(names)) + (i - (len(experiments) - 1) / 2) * width
+        ax.bar(x, means, width, yerr=stds, capsize=3, label=f"{exp}: {SETTINGS.get(exp, '')}")
+    ax.set_xticks(np.arange(len(names)), [label(n) for n in names], rotation=20)
+    ax.set_ylabel("merged accuracy (%), mean ± std over seeds")
+    ax.set_ylim(0, 100)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "table2_bars.png", dpi=110)
+    plt.close(fig)
+
+
+def common_space_features(workdir: Path, experiment_arg: str, seed: int, method_name: str, n=500):
+    """Student and teacher features in the method's common space on ``n`` test images."""
+    import orbax.checkpoint as ocp
+
+    cfg = study.get_config(experiment_arg)
+    cfg.seeds, cfg.tasks.seed = (seed,), seed
+    base = run_dir(workdir, experiment_arg.split(",")[0], seed)
+    taskset, dataset = experiment.prepare_data(cfg)
+    teachers = [
+        experiment.checkpoint.load_model(base / "teachers" / name)[:2] for name in taskset.names
+    ]
+    method_base, loss_cfg, student_cfg = resolve_method(cfg, method_name)
+    method = methods.build_method(method_base, loss_cfg)
+    heads = build_heads(method, tuple(m for m, _ in teachers))
+    student = create_model(
+        student_cfg.arch, taskset.num_classes, stem=student_cfg.stem, width=student_cfg.width
+    )
+    manager = ocp.CheckpointManager(base / "runs" / method_name / f"seed_{seed}" / "checkpoints")
+    state = manager.restore(
+        manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore())
+    )["state"]
+    manager.close()
+    student_vars = {"params": state["params"]["student"], "batch_stats": state["batch_stats"]}
+    preprocess = experiment.make_preprocess(cfg.augment)
+
+    @jax.jit
+    def forward(images):
+        x = preprocess(images)
+        s_feat = student.apply(student_vars, x)[1]
+        t_feats = [m.apply(v, x)[1] for m, v in teachers]
+        common = heads.apply({"params": state["params"]["heads"]}, s_feat, t_feats)
+        pool = lambda f: f.mean(axis=(1, 2)) if f.ndim == 4 else f
+        return [pool(common["student_common"])] + [pool(f) for f in common["teacher_common"]]
+
+    index = np.sort(np.random.default_rng(0).permutation(len(dataset.test))[:n])
+    test = dataset.test.take(index)
+    chunks = [forward(test.images[i : i + 100]) for i in range(0, len(test), 100)]
+    features = [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))]
+    return features, test.labels
+
+
+def plot_tsne(workdir, out: Path, experiment_arg: str, seed: int, method_names):
+    from sklearn.manifold import TSNE
+
+    fig, axes = plt.subplots(1, len(method_names), figsize=(6.5 * len(method_names), 5.5))
+    markers = ["o", "^", "s", "D", "v"]
+    for ax, method in zip(np.atleast_1d(axes), method_names, strict=True):
+        features, labels = common_space_features(workdir, experiment_arg, seed, method)
+        embedded = TSNE(2, init="pca", random_state=0, perplexity=30).fit_transform(
+            np.concatenate(features)
+        )
+        n = len(labels)
+        for k in range(len(features)):
+            who = "student" if k == 0 else f"teacher {k}"
+            part = embedded[k * n : (k + 1) * n]
+            ax.scatter(*part.T, c=labels, cmap="tab10", vmin=0, vmax=9, s=9, marker=markers[k],
+                       alpha=0.7, label=who)  # fmt: skip
+        ax.set(title=f"{label(method)}: common space (t-SNE), {experiment_arg} seed {seed}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        legend = ax.legend(fontsize=8, markerscale=2)
+        for handle in legend.legend_handles:
+            handle.set_color("gray")
+    fig.tight_layout()
+    fig.savefig(out / "tsne_common_space.png", dpi=110)
+    plt.close(fig)
+
+
+# --- the report ---------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "devices": [str(d) for d in jax.devices()],
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def write(workdir, out, *, experiments, seeds, runs, study_wall_s, command, dataset=""):
+    out.mkdir(parents=True, exist_ok=True)
+    previous = out / "study.json"
+    if not runs and previous.exists():  # --report_only keeps the measured wall times
+        old = json.loads(previous.read_text())
+        runs, study_wall_s, command = old["runs"], old["study_wall_s"], old["command"]
+    rows = {e: load_rows(workdir, e, seeds) for e in experiments}
+    summaries = {e: report.summarize(r) for e, r in rows.items() if r}
+    suffix = f",{dataset}" if dataset else ""
+    sections = [
+        f"Command: `{command}` ({study_wall_s / 60:.1f} min wall in all). Seeds {seeds}; "
+        "accuracy in % on the union test set, mean ± sample std over seeds."
+    ]
+    for exp in ("base", "hard"):
+        if exp in summaries:
+            sections.append(
+                f"## Table 2 analogue, `{exp}` ({SETTINGS[exp]})\n\n"
+                + table(summaries[exp], ordered(summaries[exp], TABLE2))
+            )
+    if "hard" in summaries and "cka_no_align" in summaries["hard"]:
+        sections.append("## Table 3 analogue: ablations (`hard`)\n\n" + table3(summaries["hard"]))
+    if "hetero" in summaries:
+        cfg = study.get_config("hetero" + suffix)
+        sections.append(
+            "## Table 4 analogue: heterogeneous teachers, students of three sizes (`hetero`)"
+            "\n\n" + table4(summaries["hetero"], cfg)
+        )
+    counts = {2: "hard", 3: "teachers3", 4: "teachers4"}
+    more = {n: summaries[e] for n, e in counts.items() if e in summaries}
+    if len(more) > 1:
+        sections.append(
+            "## More teachers (CFL Table 6), weak-teacher setting\n\n" + teachers_table(more)
+        )
+    walls = [r for r in runs if r.get("wall_s")]
+    if walls:
+        lines = ["| Experiment | Seed | Wall (s) |", "|---|---|---|"]
+        lines += [f"| {r['experiment']} | {r['seed']} | {r['wall_s']:.0f} |" for r in walls]
+        sections.append("## Wall time per run\n\n" + "\n".join(lines))
+    (out / "tables.md").write_text("\n\n".join(sections) + "\n")
+    study_json = {
+        "command": command,
+        "study_wall_s": round(study_wall_s, 1),
+        "seeds": list(seeds),
+        "machine": machine(),
+        "runs": runs,
+        "rows": rows,
+        "summaries": summaries,
+    }
+    previous.write_text(json.dumps(study_json, indent=1, sort_keys=True))
+    table2 = [e for e in ("base", "hard") if e in summaries]
+    if table2:
+        plot_curves(workdir, out, table2, seeds, summaries)
+        plot_bars(out, summaries, table2)
+    if "hard" in summaries:
+        present = [m for m in ("cfl", "cka") if m in summaries["hard"]]
+        if present:
+            plot_tsne(workdir, out, "hard" + suffix, seeds[0], present)
