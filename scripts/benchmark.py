@@ -1,0 +1,197 @@
+"""Times the real amalgamation train step (the one `python -m cka_jax.main` runs).
+
+    python scripts/benchmark.py --method=cka --teacher=resnet18 --student=resnet18 \
+        --image_size=64 --batch_size=64 [--dtype=bfloat16] [--devices=2] [--compare_torch]
+
+Reports, after compilation: the compile time, the median step time over ``--steps`` timed
+steps, images per second, the FLOPs of one step from XLA's cost analysis and the achieved
+fraction of the device's peak, XLA's memory analysis of the step and the process's peak
+memory. With ``--compare_torch`` (kd and cfl) it also times the PyTorch reference step
+(scripts/torch_reference.py) on the same shapes and prints the JAX/PyTorch ratio. Writes
+everything to ``--out`` as JSON. This is a script, not a test: numbers depend on the machine.
+
+The step includes the on-device augmentation of the raw uint8 batch (as in training);
+``--no_augment`` replaces it with the eval-time resize/normalise, which is what the PyTorch
+reference's step sees (its augmentation would run in DataLoader workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--method", default="cka")
+    p.add_argument("--teacher", default="resnet18", help="teacher arch (all teachers)")
+    p.add_argument("--teachers", type=int, default=2, help="number of teachers")
+    p.add_argument("--student", default="resnet18")
+    p.add_argument("--width", type=int, default=64, help="first-stage width of every model")
+    p.add_argument("--stem", default="imagenet", help="imagenet | small")
+    p.add_argument("--classes_per_teacher", type=int, default=50)
+    p.add_argument("--image_size", type=int, default=64)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32 | bfloat16")
+    p.add_argument("--devices", type=int, default=1, help="data-parallel devices")
+    p.add_argument("--parallelism", default="mesh", help="mesh | pmap | single")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (after 2 warm-up steps)")
+    p.add_argument("--no_augment", action="store_true")
+    p.add_argument("--compare_torch", action="store_true")
+    p.add_argument("--out", default="", help="JSON output file")
+    return p.parse_args(argv)
+
+
+def _ensure_host_devices(n: int) -> None:
+    # Must happen before JAX starts: CPU runs get n host devices (ignored on GPU/TPU).
+    flags = os.environ.get("XLA_FLAGS", "")
+    if n > 1 and "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+def peak_flops_per_s(device) -> tuple[float | None, str]:
+    """The device's peak FLOP/s for float32 and where the number comes from."""
+    if device.platform == "gpu":
+        known = {"H100": 67e12, "H200": 67e12, "A100": 19.5e12, "L4": 30e12, "V100": 15.7e12}
+        for name, flops in known.items():
+            if name in device.device_kind:
+                return flops, f"{device.device_kind} fp32 (non-tensor-core) datasheet"
+        return None, f"unknown GPU {device.device_kind}"
+    if device.platform == "cpu":
+        info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        mhz = [float(x.split(":")[1]) for x in info.splitlines() if x.startswith("cpu MHz")]
+        flags = next((x for x in info.splitlines() if x.startswith("flags")), "")
+        per_cycle = 64 if "avx512f" in flags else 32 if "fma" in flags else 16
+        cores = os.cpu_count() or 1
+        if mhz:
+            ghz = max(mhz) / 1e3
+            return (
+                cores * ghz * 1e9 * per_cycle,
+                f"{cores} cores x {ghz:.2f} GHz x {per_cycle} fp32 FLOP/cycle (2 FMA pipes)",
+            )
+    return None, "unknown"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    _ensure_host_devices(args.devices)
+    import jax
+    import numpy as np
+
+    from cka_jax.train.step import Runner, create_train_state
+    from cka_jax.workbench import amalgamation_step_spec, random_teacher_variables
+
+    devices = jax.devices()[: args.devices]
+    if len(devices) < args.devices:
+        sys.exit(f"asked for {args.devices} devices, {len(jax.devices())} available")
+    spec, student_vars = amalgamation_step_spec(
+        method=args.method,
+        teacher_archs=[args.teacher] * args.teachers,
+        student_arch=args.student,
+        width=args.width,
+        stem=args.stem,
+        classes_per_teacher=args.classes_per_teacher,
+        image_size=args.image_size,
+        channels=args.channels,
+        dtype=args.dtype,
+        augment=not args.no_augment,
+    )
+    teacher_vars = random_teacher_variables(spec, seed=1)
+    runner = Runner(spec, args.parallelism, devices=devices)
+    runner.check_batch_size(args.batch_size)
+    rng = np.random.default_rng(0)
+    size, c, b = args.image_size, args.channels, args.batch_size
+    batch = {
+        "image": rng.integers(0, 256, (b, size, size, c), dtype=np.uint8),
+        "index": np.arange(b, dtype=np.int32),
+        "label": rng.integers(0, args.classes_per_teacher * args.teachers, b).astype(np.int32),
+    }
+    state = create_train_state(spec, student_vars, teacher_vars, jax.random.key(0))
+    state = runner.put_state(state)
+    teacher_vars = runner.put_replicated(teacher_vars)
+    device_batch = runner.put_batch(batch)
+
+    t0 = time.perf_counter()
+    compiled = runner.compile(state, teacher_vars, device_batch)
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    memory = compiled.memory_analysis()
+
+    for _ in range(2):  # warm-up
+        state, metrics = runner.step(state, teacher_vars, device_batch)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(args.steps):
+        device_batch = runner.put_batch(batch)
+        t = time.perf_counter()
+        state, metrics = runner.step(state, teacher_vars, device_batch)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t)
+    step_s = float(np.median(times))
+    peak, peak_source = peak_flops_per_s(devices[0])
+    if args.parallelism == "pmap":
+        flops *= len(devices)  # cost analysis of a pmapped step is per device
+    result = {
+        "config": vars(args),
+        "device": f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})",
+        "jax": jax.__version__,
+        "compile_s": round(compile_s, 2),
+        "step_s_median": step_s,
+        "step_s_min": float(np.min(times)),
+        "images_per_s": b / step_s,
+        "step_gflops": flops / 1e9,
+        "achieved_tflops": flops / step_s / 1e12,
+        "peak_tflops": peak / 1e12 if peak else None,
+        "peak_source": peak_source,
+        "fraction_of_peak": flops / step_s / (peak * len(devices)) if peak else None,
+        "xla_memory_mb": {
+            k: getattr(memory, k) / 2**20
+            for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")
+            if memory is not None and hasattr(memory, k)
+        },
+        "device_peak_memory_mb": (devices[0].memory_stats() or {}).get("peak_bytes_in_use", 0)
+        / 2**20
+        if devices[0].memory_stats()
+        else None,
+        "process_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "loss": float(metrics["loss"]),
+    }
+    if args.compare_torch:
+        result["torch"] = torch_side(args)
+        result["jax_over_torch_time"] = step_s / result["torch"]["step_seconds_median"]
+    print(json.dumps(result, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def torch_side(args) -> dict:
+    import torch_reference
+
+    if args.method not in torch_reference.METHODS or args.width != 64:
+        sys.exit(
+            "--compare_torch needs --method=kd or cfl (the PyTorch reference's methods) and "
+            "--width=64 (torchvision's ResNets)"
+        )
+    step = torch_reference.TorchAmalgamationStep(
+        args.method,
+        [args.teacher] * args.teachers,
+        args.student,
+        args.classes_per_teacher,
+        stem=args.stem,
+    )
+    return torch_reference.benchmark(step, args.batch_size, args.image_size, repeats=args.steps)
+
+
+if __name__ == "__main__":
+    main()
