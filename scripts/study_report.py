@@ -72,27 +72,47 @@ def ordered(summary: dict, order) -> list[str]:
     return out
 
 
-def table(summary: dict, names, *, titles=None, tasks=True) -> str:
-    task_names = list(summary[names[0]]["task_acc_mean"]) if tasks else []
-    header = ["Method", "Params", "Merged", *task_names]
+def paired_delta(rows: list[dict], method: str, reference: str = "kd"):
+    """Mean and std over seeds of ``merged(method) - merged(reference)`` on the same seed.
+
+    Each seed has its own teachers, so the spread across seeds is mostly the teachers'; the
+    paired difference removes it and is what tells two methods apart."""
+    by_seed = {}
+    for r in rows:
+        by_seed.setdefault(r["method"], {})[r["seed"]] = r["merged_acc"]
+    if method not in by_seed or reference not in by_seed:
+        return None, None
+    seeds = sorted(set(by_seed[method]) & set(by_seed[reference]))
+    diffs = [by_seed[method][s] - by_seed[reference][s] for s in seeds]
+    if not diffs:
+        return None, None
+    return float(np.mean(diffs)), float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0
+
+
+def table(summary: dict, names, *, titles=None, rows=None) -> str:
+    task_names = list(summary[names[0]]["task_acc_mean"])
+    header = ["Method", "Params", "Merged", *(["Δ vs KD (paired)"] if rows else []), *task_names]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, name in enumerate(names):
         s = summary[name]
         n = len(s["seeds"])
         cells = [titles[i] if titles else label(name), report.params_text(s["params"])]
         cells.append(report.cell(s["merged_acc_mean"], s["merged_acc_std"], n))
+        if rows:
+            mean, std = paired_delta(rows, name)
+            cells.append("-" if mean is None or name == "kd" else f"{mean:+.2f} ± {std:.2f}")
         cells += [report.cell(s["task_acc_mean"][t], s["task_acc_std"][t], n) for t in task_names]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def titled_table(summary: dict, rows) -> str:
-    """A table of ``(title, method)`` rows, leaving out methods that did not run."""
-    rows = [(title, name) for title, name in rows if name in summary]
-    return table(summary, [n for _, n in rows], titles=[t for t, _ in rows])
+def titled_table(summary: dict, entries, rows) -> str:
+    """A table of ``(title, method)`` entries, leaving out methods that did not run."""
+    entries = [(title, name) for title, name in entries if name in summary]
+    return table(summary, [n for _, n in entries], titles=[t for t, _ in entries], rows=rows)
 
 
-def table3(summary: dict) -> str:
+def table3(summary: dict, rows) -> str:
     return titled_table(
         summary,
         [
@@ -105,19 +125,22 @@ def table3(summary: dict) -> str:
             ("CKA-Inter, cosine distance", "cka_inter_cosine"),
             ("CKA-Inter, MMD distance", "cka_inter_mmd"),
         ],
+        rows,
     )
 
 
-def table4(summary: dict, cfg) -> str:
+def table4(summary: dict, cfg, rows) -> str:
     teachers = experiment.teacher_model_configs(cfg, len(cfg.teachers))
-    rows = [
+    entries = [
         (f"Teacher {t + 1} ({m.arch}, width {m.width})", f"teacher:task{t}")
         for t, m in enumerate(teachers)
     ]
-    rows += [("Ensemble", "ensemble"), (f"Vanilla KD (student width {cfg.student.width})", "kd")]
+    entries += [("Ensemble", "ensemble"), (f"Vanilla KD (student width {cfg.student.width})", "kd")]
     widths = {"cka": cfg.student.width, **{n: v.student.width for n, v in cfg.variants.items()}}
-    rows += [(f"CKA (student width {w})", n) for n, w in sorted(widths.items(), key=lambda x: x[1])]
-    return titled_table(summary, rows)
+    entries += [
+        (f"CKA (student width {w})", n) for n, w in sorted(widths.items(), key=lambda x: x[1])
+    ]
+    return titled_table(summary, entries, rows)
 
 
 def teachers_table(summaries: dict) -> str:
@@ -168,6 +191,7 @@ def plot_curves(workdir, out: Path, experiments, seeds, summaries):
         if ensemble:
             ax.axhline(ensemble["merged_acc_mean"], color="k", ls="--", label="Ensemble")
         ax.set(title=f"{exp}: {SETTINGS.get(exp, '')}", xlabel="epoch", ylabel="merged acc. (%)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -293,15 +317,17 @@ def write(workdir, out, *, experiments, seeds, runs, study_wall_s, command, data
         if exp in summaries:
             sections.append(
                 f"## Table 2 analogue, `{exp}` ({SETTINGS[exp]})\n\n"
-                + table(summaries[exp], ordered(summaries[exp], TABLE2))
+                + table(summaries[exp], ordered(summaries[exp], TABLE2), rows=rows[exp])
             )
     if "hard" in summaries and "cka_no_align" in summaries["hard"]:
-        sections.append("## Table 3 analogue: ablations (`hard`)\n\n" + table3(summaries["hard"]))
+        sections.append(
+            "## Table 3 analogue: ablations (`hard`)\n\n" + table3(summaries["hard"], rows["hard"])
+        )
     if "hetero" in summaries:
         cfg = study.get_config("hetero" + suffix)
         sections.append(
             "## Table 4 analogue: heterogeneous teachers, students of three sizes (`hetero`)"
-            "\n\n" + table4(summaries["hetero"], cfg)
+            "\n\n" + table4(summaries["hetero"], cfg, rows["hetero"])
         )
     counts = {2: "hard", 3: "teachers3", 4: "teachers4"}
     more = {n: summaries[e] for n, e in counts.items() if e in summaries}
