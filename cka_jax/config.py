@@ -14,6 +14,8 @@ from cka_jax.models import ARCHITECTURES
 from cka_jax.train.methods import INTER_KINDS, TRAINED_METHODS
 from cka_jax.train.step import PARALLELISM
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
 
 def model_config(arch="resnet18", width=64, stem="imagenet", checkpoint="", finetune=False):
     """A model: architecture, first-stage width, stem, and an optional checkpoint.
@@ -77,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     c.parallelism = "mesh"  # 'mesh' (jit over a device mesh) | 'pmap' | 'single'
+    # Computation dtype of every model and head: 'float32' | 'bfloat16'. Parameters, the
+    # optimiser state and every loss reduction stay float32 either way.
+    c.compute_dtype = "float32"
     c.log_every = 50
     c.checkpoint_every = 0  # steps; 0 = at each epoch end
     c.keep_checkpoints = 3
@@ -158,6 +163,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError("config.seeds is empty: give at least one integer seed")
     if cfg.parallelism not in PARALLELISM:
         raise ValueError(f"config.parallelism={cfg.parallelism!r}; valid: {PARALLELISM}")
+    if cfg.compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"config.compute_dtype={cfg.compute_dtype!r}; valid: {COMPUTE_DTYPES}")
     if cfg.loss.inter_kind not in INTER_KINDS:
         raise ValueError(f"config.loss.inter_kind={cfg.loss.inter_kind!r}; valid: {INTER_KINDS}")
     if not 0 < cfg.teacher_data_fraction <= 1:

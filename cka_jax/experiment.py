@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -66,6 +67,13 @@ def prepare_data(cfg):
 
 
 def make_augment(aug_cfg):
+    """The training augmentation of ``aug_cfg``: one function per distinct config, so that
+    equal StepSpecs (another seed, another run in this process) share compiled steps."""
+    return _augment(ml_collections.FrozenConfigDict(aug_cfg))
+
+
+@functools.cache
+def _augment(aug_cfg):
     kwargs = train_kwargs(aug_cfg)
     return lambda keys, images: augment_with_keys(keys, images, **kwargs)
 
@@ -82,12 +90,17 @@ class Scorer:
     """Jitted eval-mode forward passes of one model over a test split (compiled once)."""
 
     def __init__(self, model, aug_cfg, batch_size):
-        preprocess = make_preprocess(aug_cfg)
-        self.forward = jax.jit(lambda v, x: model.apply(v, preprocess(x))[0])
+        self.forward = _eval_forward(model, ml_collections.FrozenConfigDict(aug_cfg))
         self.batch_size = batch_size
 
     def logits(self, variables, split) -> np.ndarray:
         return evaluate.predict(self.forward, variables, split, self.batch_size)
+
+
+@functools.cache
+def _eval_forward(model, aug_cfg):
+    preprocess = make_preprocess(aug_cfg)
+    return jax.jit(lambda v, x: model.apply(v, preprocess(x))[0])
 
 
 # --- teachers -----------------------------------------------------------------------------
@@ -133,7 +146,7 @@ def get_teachers(cfg, taskset, dataset, workdir: Path):
         task_classes = [taskset.class_names[c] for c in taskset.classes[t]]
         out_dir = workdir / "teachers" / name
         if m.checkpoint and not m.finetune:
-            model, variables, meta = checkpoint.load_model(m.checkpoint)
+            model, variables, meta = checkpoint.load_model(m.checkpoint, dtype=compute_dtype(cfg))
             if meta["num_classes"] != len(task_classes):
                 raise checkpoint.CheckpointError(
                     f"teacher checkpoint {m.checkpoint} ({meta['arch']}) has "
@@ -141,7 +154,7 @@ def get_teachers(cfg, taskset, dataset, workdir: Path):
                     f"{len(task_classes)}; give a checkpoint trained on that task's classes"
                 )
         elif checkpoint.has_model(out_dir):
-            model, variables, meta = checkpoint.load_model(out_dir)
+            model, variables, meta = checkpoint.load_model(out_dir, dtype=compute_dtype(cfg))
         else:
             model, variables = train_teacher(cfg, m, taskset, dataset, t, out_dir)
         teachers.append((model, variables))
@@ -164,24 +177,14 @@ def train_teacher(cfg, m, taskset, dataset, t, out_dir: Path):
     name = taskset.names[t]
     num_classes = taskset.sizes[t]
     seed = int(cfg.tasks.seed) + 1000 * (t + 1)
-    model, variables = init_model(m, num_classes, seed, cfg.augment, "teacher")
+    model, variables = init_model(m, num_classes, seed, cfg.augment, "teacher", compute_dtype(cfg))
     train_split = per_class_fraction(
         task_subset(dataset.train, taskset, t), cfg.teacher_data_fraction, seed
     )
     test_split = task_subset(dataset.test, taskset, t)
     total_steps = cfg.teacher_epochs * (len(train_split) // cfg.batch_size)
-    spec = StepSpec(
-        student=model,
-        teachers=(),
-        heads=None,
-        method=methods.build_method("supervised", cfg.loss),
-        loss_cfg=ml_collections.FrozenConfigDict(cfg.loss),
-        augment=make_augment(cfg.augment),
-        view_shape=view_shape(cfg.augment),
-        tx=make_optimizer(
-            cfg.teacher_optimizer.learning_rate, cfg.teacher_optimizer.weight_decay, total_steps
-        ),
-    )
+    method = methods.build_method("supervised", cfg.loss)
+    spec = step_spec(cfg, method, cfg.loss, model, (), cfg.teacher_optimizer, total_steps)
     scorer = Scorer(model, cfg.augment, cfg.eval_batch_size)
 
     def score(v):
@@ -213,10 +216,29 @@ def train_teacher(cfg, m, taskset, dataset, t, out_dir: Path):
 # --- amalgamation -------------------------------------------------------------------------
 
 
-def init_model(m, num_classes: int, seed: int, aug_cfg, what: str):
+def step_spec(cfg, method, loss_cfg, student, teacher_models, optimizer_cfg, total_steps):
+    """The `StepSpec` of one training run: the same for teachers, every method and the
+    benchmark (scripts/benchmark.py times exactly this step)."""
+    return StepSpec(
+        student=student,
+        teachers=tuple(teacher_models),
+        heads=build_heads(method, tuple(teacher_models), dtype=compute_dtype(cfg)),
+        method=method,
+        loss_cfg=ml_collections.FrozenConfigDict(loss_cfg),
+        augment=make_augment(cfg.augment),
+        view_shape=view_shape(cfg.augment),
+        tx=make_optimizer(optimizer_cfg.learning_rate, optimizer_cfg.weight_decay, total_steps),
+    )
+
+
+def compute_dtype(cfg):
+    return jnp.dtype(cfg.get("compute_dtype", "float32"))
+
+
+def init_model(m, num_classes: int, seed: int, aug_cfg, what: str, dtype=jnp.float32):
     """A fresh model, or one starting from ``m.checkpoint`` (a new classifier when the
     checkpoint's class count differs, e.g. an ImageNet backbone)."""
-    model = create_model(m.arch, num_classes, stem=m.stem, width=m.width)
+    model = create_model(m.arch, num_classes, stem=m.stem, width=m.width, dtype=dtype)
     variables = init_variables(model, seed, (1, *view_shape(aug_cfg)))
     variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
     if m.checkpoint:
@@ -243,23 +265,12 @@ def run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir: Path
     base_method, loss_cfg, student_cfg = resolve_method(cfg, method_name)
     method = methods.build_method(base_method, loss_cfg)
     student, student_vars = init_model(
-        student_cfg, taskset.num_classes, seed, cfg.augment, "student"
+        student_cfg, taskset.num_classes, seed, cfg.augment, "student", compute_dtype(cfg)
     )
     teacher_models = tuple(m for m, _ in teachers) if method.uses_teachers else ()
     teacher_vars = [v for _, v in teachers] if method.uses_teachers else []
-    steps_per_epoch = len(dataset.train) // cfg.batch_size
-    spec = StepSpec(
-        student=student,
-        teachers=teacher_models,
-        heads=build_heads(method, teacher_models),
-        method=method,
-        loss_cfg=ml_collections.FrozenConfigDict(loss_cfg),
-        augment=make_augment(cfg.augment),
-        view_shape=view_shape(cfg.augment),
-        tx=make_optimizer(
-            cfg.optimizer.learning_rate, cfg.optimizer.weight_decay, cfg.epochs * steps_per_epoch
-        ),
-    )
+    total_steps = cfg.epochs * (len(dataset.train) // cfg.batch_size)
+    spec = step_spec(cfg, method, loss_cfg, student, teacher_models, cfg.optimizer, total_steps)
     scorer = Scorer(student, cfg.augment, cfg.eval_batch_size)
     test = dataset.test
 

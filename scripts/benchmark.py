@@ -80,6 +80,41 @@ def peak_flops_per_s(device) -> tuple[float | None, str]:
     return None, "unknown"
 
 
+def build_step(args):
+    """The step `main` would run for these shapes: ``(spec, student variables, teacher
+    variables)``, with randomly initialised teachers (timing does not depend on weights)."""
+    import dataclasses
+
+    from cka_jax import experiment
+    from cka_jax.config import base_config, model_config
+    from cka_jax.data import augment_config
+    from cka_jax.train import methods
+
+    cfg = base_config()
+    cfg.augment = augment_config("imagenet")
+    cfg.augment.out_size, cfg.augment.channels = args.image_size, args.channels
+    cfg.compute_dtype = args.dtype
+    dtype = experiment.compute_dtype(cfg)
+    method = methods.build_method(args.method, cfg.loss)
+    teachers, teacher_vars = [], []
+    for t in range(args.teachers if method.uses_teachers else 0):
+        m = model_config(args.teacher, width=args.width, stem=args.stem)
+        model, variables = experiment.init_model(
+            m, args.classes_per_teacher, 1 + t, cfg.augment, "teacher", dtype
+        )
+        teachers.append(model)
+        teacher_vars.append(variables)
+    student, student_vars = experiment.init_model(
+        model_config(args.student, width=args.width, stem=args.stem),
+        args.classes_per_teacher * args.teachers, 0, cfg.augment, "student", dtype,
+    )  # fmt: skip
+    spec = experiment.step_spec(cfg, method, cfg.loss, student, teachers, cfg.optimizer, 10_000)
+    if args.no_augment:
+        preprocess = experiment.make_preprocess(cfg.augment)
+        spec = dataclasses.replace(spec, augment=lambda keys, images: preprocess(images))
+    return spec, student_vars, teacher_vars
+
+
 def main(argv=None):
     args = parse_args(argv)
     _ensure_host_devices(args.devices)
@@ -87,24 +122,11 @@ def main(argv=None):
     import numpy as np
 
     from cka_jax.train.step import Runner, create_train_state
-    from cka_jax.workbench import amalgamation_step_spec, random_teacher_variables
 
     devices = jax.devices()[: args.devices]
     if len(devices) < args.devices:
         sys.exit(f"asked for {args.devices} devices, {len(jax.devices())} available")
-    spec, student_vars = amalgamation_step_spec(
-        method=args.method,
-        teacher_archs=[args.teacher] * args.teachers,
-        student_arch=args.student,
-        width=args.width,
-        stem=args.stem,
-        classes_per_teacher=args.classes_per_teacher,
-        image_size=args.image_size,
-        channels=args.channels,
-        dtype=args.dtype,
-        augment=not args.no_augment,
-    )
-    teacher_vars = random_teacher_variables(spec, seed=1)
+    spec, student_vars, teacher_vars = build_step(args)
     runner = Runner(spec, args.parallelism, devices=devices)
     runner.check_batch_size(args.batch_size)
     rng = np.random.default_rng(0)

@@ -137,3 +137,10 @@ def test_variants_resolve_over_the_base_config_and_may_not_shadow_a_method():
     cfg.variants = {"cka": dict(method="kd")}
     with pytest.raises(ValueError, match="built-in method"):
         validate(cfg)
+
+
+def test_an_unknown_compute_dtype_lists_the_valid_ones():
+    cfg = tiny_config.get_config()
+    cfg.compute_dtype = "float16"
+    with pytest.raises(ValueError, match="float16.*bfloat16"):
+        validate(cfg)

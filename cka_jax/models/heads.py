@@ -14,6 +14,7 @@ The heads hold no BatchNorm, so the frozen teachers' side has no running statist
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -24,11 +25,12 @@ class MLP(nn.Module):
 
     hidden: int
     out: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        x = nn.relu(nn.Dense(self.hidden, name="hidden")(x))
-        return nn.Dense(self.out, name="out")(x)
+        x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="hidden")(x))
+        return nn.Dense(self.out, dtype=self.dtype, name="out")(x)
 
 
 class Adaption(nn.Module):
@@ -36,10 +38,11 @@ class Adaption(nn.Module):
 
     features: int = 256
     relu: bool = True
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Conv(self.features, (1, 1), name="conv")(x)
+        x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="conv")(x)
         return nn.relu(x) if self.relu else x
 
 
@@ -47,15 +50,20 @@ class ResidualBlock(nn.Module):
     """1x1 -> 3x3 -> 1x1 convolutions (stride 1) with a (projected) identity shortcut."""
 
     features: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        y = nn.relu(nn.Conv(self.features, (1, 1), name="conv1")(x))
-        y = nn.relu(nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(y))
-        y = nn.Conv(self.features, (1, 1), name="conv3")(y)
+        y = nn.relu(nn.Conv(self.features, (1, 1), dtype=self.dtype, name="conv1")(x))
+        y = nn.relu(
+            nn.Conv(
+                self.features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv2"
+            )(y)
+        )
+        y = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="conv3")(y)
         shortcut = x
         if x.shape[-1] != self.features:
-            shortcut = nn.Conv(self.features, (1, 1), name="shortcut")(x)
+            shortcut = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="shortcut")(x)
         return nn.relu(y + shortcut)
 
 
@@ -64,11 +72,12 @@ class SharedExtractor(nn.Module):
 
     features: int = 128
     num_blocks: int = 3
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         for i in range(self.num_blocks):
-            x = ResidualBlock(self.features, name=f"block{i}")(x)
+            x = ResidualBlock(self.features, dtype=self.dtype, name=f"block{i}")(x)
         return x
 
 
@@ -77,11 +86,12 @@ class ConvDecoder(nn.Module):
 
     hidden: int
     out: int
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        x = nn.relu(nn.Conv(self.hidden, (1, 1), name="conv1")(x))
-        return nn.Conv(self.out, (1, 1), name="conv2")(x)
+        x = nn.relu(nn.Conv(self.hidden, (1, 1), dtype=self.dtype, name="conv1")(x))
+        return nn.Conv(self.out, (1, 1), dtype=self.dtype, name="conv2")(x)
 
 
 class AmalgamationHeads(nn.Module):
@@ -105,6 +115,7 @@ class AmalgamationHeads(nn.Module):
     adapt_dim: int = 256
     common_dim: int = 128
     projection_dim: int = 128
+    dtype: Any = jnp.float32  # computation dtype; parameters stay float32
 
     @nn.compact
     def __call__(self, student_features, teacher_features, student_features_view2=None):
@@ -115,33 +126,34 @@ class AmalgamationHeads(nn.Module):
             )
         out = {}
         if self.projection:
-            projector = MLP(self.adapt_dim, self.projection_dim, name="projection")
+            projector = MLP(self.adapt_dim, self.projection_dim, self.dtype, name="projection")
             out["projection"] = projector(jnp.mean(student_features, axis=(1, 2)))
             if student_features_view2 is not None:
                 out["projection_view2"] = projector(jnp.mean(student_features_view2, axis=(1, 2)))
         if self.common_space is None:
             return out
         if self.common_space == "cka":
-            shared = MLP(self.adapt_dim, self.common_dim, name="shared_mlp")
+            shared = MLP(self.adapt_dim, self.common_dim, self.dtype, name="shared_mlp")
 
             def to_common(features, name):
-                adapted = Adaption(self.adapt_dim, relu=True, name=name)(features)
+                adapted = Adaption(self.adapt_dim, relu=True, dtype=self.dtype, name=name)(features)
                 return shared(jnp.mean(adapted, axis=(1, 2)))
 
             targets = [jnp.mean(f, axis=(1, 2)) for f in teacher_features]
             decoders = [
-                MLP(self.adapt_dim, c, name=f"decoder{t}")
+                MLP(self.adapt_dim, c, self.dtype, name=f"decoder{t}")
                 for t, c in enumerate(self.teacher_channels)
             ]
         elif self.common_space == "cfl":
-            shared = SharedExtractor(self.common_dim, name="shared_extractor")
+            shared = SharedExtractor(self.common_dim, dtype=self.dtype, name="shared_extractor")
 
             def to_common(features, name):
-                return shared(Adaption(self.adapt_dim, relu=True, name=name)(features))
+                adapted = Adaption(self.adapt_dim, relu=True, dtype=self.dtype, name=name)(features)
+                return shared(adapted)
 
             targets = list(teacher_features)
             decoders = [
-                ConvDecoder(self.adapt_dim, c, name=f"decoder{t}")
+                ConvDecoder(self.adapt_dim, c, self.dtype, name=f"decoder{t}")
                 for t, c in enumerate(self.teacher_channels)
             ]
         else:

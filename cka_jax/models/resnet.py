@@ -190,7 +190,12 @@ def init_variables(model: nn.Module, seed: int, input_shape) -> dict:
     """``model.init`` under jit, with an 'rbg' PRNG key: XLA's RngBitGenerator compiles in a
     quarter of the time the default threefry takes for a ResNet's many parameter shapes."""
     rng = jax.random.key(seed, impl="rbg")
-    return jax.jit(model.init)(rng, jnp.zeros(input_shape, jnp.float32))
+    return _jitted_init(model)(rng, jnp.zeros(input_shape, jnp.float32))
+
+
+@functools.cache
+def _jitted_init(model: nn.Module):
+    return jax.jit(model.init)
 
 
 def feature_channels(model: ResNet) -> int:

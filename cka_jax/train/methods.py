@@ -28,6 +28,10 @@ class Method:
     projection: bool = False
     uses_teachers: bool = True
 
+    def __hash__(self):  # part of the StepSpec that keys the compiled-step cache
+        return hash((self.name, tuple(sorted(self.weights.items())), self.common_space,
+                     self.projection, self.uses_teachers))  # fmt: skip
+
     @property
     def two_views(self) -> bool:
         return self.weights.get("intra", 0.0) > 0

@@ -17,6 +17,7 @@ gradients, BatchNorm statistics over the mapped axis). All three compute the sam
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -60,6 +61,7 @@ class StepSpec:
     tx: optax.GradientTransformation
 
 
+@functools.cache  # equal settings -> the same object, so equal StepSpecs hash equal
 def make_optimizer(learning_rate: float, weight_decay: float, total_steps: int):
     """Adam with cosine decay; weight decay added to the gradient (torch.optim.Adam's L2)."""
     schedule = optax.cosine_decay_schedule(learning_rate, max(int(total_steps), 1))
@@ -70,7 +72,9 @@ def make_optimizer(learning_rate: float, weight_decay: float, total_steps: int):
     )
 
 
-def build_heads(method: Method, teachers: tuple[ResNet, ...]) -> AmalgamationHeads | None:
+def build_heads(
+    method: Method, teachers: tuple[ResNet, ...], dtype=jnp.float32
+) -> AmalgamationHeads | None:
     if method.common_space is None and not method.projection:
         return None
     return AmalgamationHeads(
@@ -78,6 +82,7 @@ def build_heads(method: Method, teachers: tuple[ResNet, ...]) -> AmalgamationHea
         common_space=method.common_space,
         projection=method.projection,
         reconstruction=method.reconstruction,
+        dtype=dtype,
     )
 
 
@@ -85,24 +90,34 @@ def create_train_state(spec: StepSpec, student_variables, teacher_variables, rng
     """Initialises the heads (if any) and the optimiser around given student variables."""
     params = {"student": student_variables["params"], "heads": {}}
     if spec.heads is not None:
-
-        @jax.jit
-        def init_heads(student_variables, teacher_variables):
-            x = jnp.zeros((2, *spec.view_shape), jnp.float32)
-            _, s_feat = spec.student.apply(student_variables, x)
-            t_feats = [
-                t.apply(v, x)[1] for t, v in zip(spec.teachers, teacher_variables, strict=True)
-            ]
-            return spec.heads.init(jax.random.fold_in(rng, 1), s_feat, t_feats, s_feat)
-
-        params["heads"] = init_heads(student_variables, teacher_variables)["params"]
+        heads_rng = jax.random.fold_in(rng, 1)
+        params["heads"] = _heads_init(spec)(heads_rng, student_variables, teacher_variables)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=student_variables.get("batch_stats", {}),
-        opt_state=jax.jit(spec.tx.init)(params),
+        opt_state=_jitted(spec.tx.init)(params),
         rng=jnp.asarray(jax.random.key_data(jax.random.fold_in(rng, 2)), jnp.uint32),
     )
+
+
+@functools.cache
+def _heads_init(spec: StepSpec):
+    """Jitted initialisation of the heads on features of a dummy batch (cached per spec)."""
+
+    @jax.jit
+    def init_heads(rng, student_variables, teacher_variables):
+        x = jnp.zeros((2, *spec.view_shape), jnp.float32)
+        _, s_feat = spec.student.apply(student_variables, x)
+        t_feats = [t.apply(v, x)[1] for t, v in zip(spec.teachers, teacher_variables, strict=True)]
+        return spec.heads.init(rng, s_feat, t_feats, s_feat)["params"]
+
+    return init_heads
+
+
+@functools.cache
+def _jitted(fn):
+    return jax.jit(fn)
 
 
 def sample_keys(state_rng, step, index, view: int):
@@ -168,6 +183,20 @@ def _train_step(state: TrainState, teacher_variables, batch, *, spec: StepSpec, 
     return new_state, metrics
 
 
+@functools.cache
+def _step_function(spec: StepSpec, parallelism: str, devices: tuple):
+    """The jitted (or pmapped) step for ``spec``: one per distinct spec, so runs with equal
+    specs in one process (seeds, tests) share XLA's compiled programs."""
+    if parallelism == "pmap":
+        pmap_spec = dataclasses.replace(spec, student=spec.student.clone(bn_axis_name=PMAP_AXIS))
+        step = lambda s, t, b: _train_step(s, t, b, spec=pmap_spec, axis_name=PMAP_AXIS)
+        return jax.pmap(
+            step, axis_name=PMAP_AXIS, in_axes=(0, None, 0), donate_argnums=(0,), devices=devices
+        )
+    step = lambda s, t, b: _train_step(s, t, b, spec=spec)
+    return jax.jit(step, donate_argnums=(0,))
+
+
 class Runner:
     """Places state and batches on the devices and runs the step in one parallel form."""
 
@@ -184,22 +213,13 @@ class Runner:
         self.mesh = Mesh(np.array(self.devices), (axis,))
         self.replicated = NamedSharding(self.mesh, P())
         self.sharded = NamedSharding(self.mesh, P(axis))
-        if parallelism == "pmap":
-            pmap_spec = dataclasses.replace(
-                spec, student=spec.student.clone(bn_axis_name=PMAP_AXIS)
-            )
-            step = lambda s, t, b: _train_step(s, t, b, spec=pmap_spec, axis_name=PMAP_AXIS)
-            self._step = jax.pmap(
-                step,
-                axis_name=PMAP_AXIS,
-                in_axes=(0, None, 0),
-                donate_argnums=(0,),
-                devices=self.devices,
-            )
-        else:
-            step = lambda s, t, b: _train_step(s, t, b, spec=spec)
-            self._step = jax.jit(step, donate_argnums=(0,))
+        self._step = _step_function(spec, parallelism, tuple(self.devices))
         self.num_devices = n
+
+    def compile(self, state, teacher_variables, batch):
+        """The step compiled ahead of time for these (placed) arguments; its
+        ``cost_analysis()`` and ``memory_analysis()`` describe one update."""
+        return self._step.lower(state, teacher_variables, batch).compile()
 
     def check_batch_size(self, batch_size: int):
         if batch_size % self.num_devices:
