@@ -157,7 +157,10 @@ def test_a_method_variant_trains_its_own_student_beside_the_shared_teachers(
     assert (row["method"], row["base_method"]) == ("kd_wide", "kd")
     wide = create_model("resnet10", 10, stem="small", width=8)
     expected = sum(
-        x.size for x in jax.tree.leaves(init_variables(wide, 0, (1, 28, 28, 1))["params"])
+        x.size
+        for x in jax.tree.leaves(
+            init_variables(wide, 0, (1, *experiment.view_shape(cfg.augment)))["params"]
+        )
     )
     assert row["params"] == expected
     steps = read_metrics(tmp_path / "runs" / "kd_wide" / "seed_0" / "metrics.jsonl")

@@ -7,7 +7,7 @@ import optax
 
 from cka_jax import experiment
 from cka_jax.config import resolve_method
-from cka_jax.models import ResNet, create_model
+from cka_jax.models import AmalgamationHeads, ResNet, create_model, init_variables
 from cka_jax.models.resnet import BasicBlock
 from cka_jax.train import methods
 from cka_jax.train.step import Runner, StepSpec, build_heads, create_train_state
@@ -44,10 +44,10 @@ def one_step(dtype):
         )  # fmt: skip
 
     loss_cfg = loss_config()
-    method = methods.build_method("cka", loss_cfg)
+    method = methods.build_method("kd", loss_cfg)  # the heads' dtype is checked below
     teachers = (resnet(3, 4), resnet(2, 8))
     student = resnet(5, 4)
-    init = lambda m, seed: m.init(jax.random.key(seed), jnp.zeros((1, *SHAPE)))  # noqa: E731
+    init = lambda m, seed: init_variables(m, seed, (1, *SHAPE))  # noqa: E731
     teacher_vars = [init(t, 10 + i) for i, t in enumerate(teachers)]
     spec = StepSpec(
         student=student, teachers=teachers, heads=build_heads(method, teachers, dtype=dtype),
@@ -62,16 +62,30 @@ def one_step(dtype):
     }
     runner = Runner(spec, "single")
     state, metrics = runner.step(runner.put_state(state), teacher_vars, runner.put_batch(batch))
-    logits, _ = student.apply(init(student, 0), jnp.zeros((2, *SHAPE)))
-    return runner.get_state(state), jax.device_get(metrics), logits.dtype
+    # The convolutions run in `dtype`; the model hands back float32 logits and features.
+    forward = jax.make_jaxpr(student.apply)(init(student, 0), jnp.zeros((2, *SHAPE)))
+    return runner.get_state(state), jax.device_get(metrics), "bf16[" in str(forward)
 
 
 def test_bfloat16_computes_in_bfloat16_but_keeps_float32_parameters_and_losses():
-    state32, metrics32, logits32 = one_step(jnp.float32)
-    state16, metrics16, logits16 = one_step(jnp.bfloat16)
-    assert (logits32, logits16) == (jnp.float32, jnp.bfloat16)
+    state32, metrics32, bf16_in_32 = one_step(jnp.float32)
+    state16, metrics16, bf16_in_16 = one_step(jnp.bfloat16)
+    assert (bf16_in_32, bf16_in_16) == (False, True)
     leaves = jax.tree.leaves((state16.params, state16.batch_stats, state16.opt_state))
     assert all(x.dtype in (jnp.float32, jnp.int32) for x in leaves)
     assert all(np.asarray(v).dtype == np.float32 for v in metrics16.values())
     for key, value in metrics32.items():
         np.testing.assert_allclose(metrics16[key], value, rtol=0.05, atol=2e-3, err_msg=key)
+
+
+def test_bfloat16_heads_compute_in_bfloat16_and_keep_float32_parameters():
+    for common_space in ("cka", "cfl"):
+        heads = AmalgamationHeads(
+            teacher_channels=(8, 16), common_space=common_space, projection=True,
+            reconstruction=True, dtype=jnp.bfloat16,
+        )  # fmt: skip
+        features = (jnp.zeros((4, 2, 2, 8)), [jnp.zeros((4, 2, 2, 8)), jnp.zeros((4, 2, 2, 16))])
+        params = jax.eval_shape(heads.init, jax.random.key(0), *features)
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+        forward = str(jax.make_jaxpr(heads.apply)(params, *features))
+        assert "bf16[4,2,2,256]" in forward or "bf16[4,256]" in forward, common_space

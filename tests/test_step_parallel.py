@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from cka_jax.models import ResNet
+from cka_jax.models import ResNet, init_variables
 from cka_jax.models.resnet import BasicBlock
 from cka_jax.train import methods
 from cka_jax.train.step import Runner, StepSpec, build_heads, create_train_state
@@ -51,11 +51,9 @@ def build(method_name, **loss_overrides):
     loss_cfg = loss_config(**loss_overrides)
     method = methods.build_method(method_name, loss_cfg)
     teachers = (tiny_resnet(3, width=4), tiny_resnet(2, width=8))
-    teacher_vars = [
-        t.init(jax.random.key(10 + i), jnp.zeros((1, *SHAPE))) for i, t in enumerate(teachers)
-    ]
+    teacher_vars = [init_variables(t, 10 + i, (1, *SHAPE)) for i, t in enumerate(teachers)]
     student = tiny_resnet(5, width=4)
-    student_vars = student.init(jax.random.key(0), jnp.zeros((1, *SHAPE)))
+    student_vars = init_variables(student, 0, (1, *SHAPE))
     spec = StepSpec(
         student=student,
         teachers=teachers if method.uses_teachers else (),
