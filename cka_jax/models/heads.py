@@ -19,6 +19,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cka_jax.models.conv import Conv
+
 
 class MLP(nn.Module):
     """Dense -> ReLU -> Dense."""
@@ -42,7 +44,7 @@ class Adaption(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="conv")(x)
+        x = Conv(self.features, 1, dtype=self.dtype, name="conv")(x)
         return nn.relu(x) if self.relu else x
 
 
@@ -54,16 +56,12 @@ class ResidualBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        y = nn.relu(nn.Conv(self.features, (1, 1), dtype=self.dtype, name="conv1")(x))
-        y = nn.relu(
-            nn.Conv(
-                self.features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name="conv2"
-            )(y)
-        )
-        y = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="conv3")(y)
+        y = nn.relu(Conv(self.features, 1, dtype=self.dtype, name="conv1")(x))
+        y = nn.relu(Conv(self.features, 3, padding=1, dtype=self.dtype, name="conv2")(y))
+        y = Conv(self.features, 1, dtype=self.dtype, name="conv3")(y)
         shortcut = x
         if x.shape[-1] != self.features:
-            shortcut = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="shortcut")(x)
+            shortcut = Conv(self.features, 1, dtype=self.dtype, name="shortcut")(x)
         return nn.relu(y + shortcut)
 
 
@@ -90,8 +88,8 @@ class ConvDecoder(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.relu(nn.Conv(self.hidden, (1, 1), dtype=self.dtype, name="conv1")(x))
-        return nn.Conv(self.out, (1, 1), dtype=self.dtype, name="conv2")(x)
+        x = nn.relu(Conv(self.hidden, 1, dtype=self.dtype, name="conv1")(x))
+        return Conv(self.out, 1, dtype=self.dtype, name="conv2")(x)
 
 
 class AmalgamationHeads(nn.Module):

@@ -20,19 +20,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cka_jax.models.conv import Conv
+
 # torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu').
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 BN_MOMENTUM = 0.9  # torch momentum 0.1
 BN_EPSILON = 1e-5
 
 
-def conv(features: int, kernel: int, stride: int = 1, *, name: str, dtype: Any) -> nn.Conv:
-    pad = kernel // 2
-    return nn.Conv(
+def conv(features: int, kernel: int, stride: int = 1, *, name: str, dtype: Any) -> Conv:
+    return Conv(
         features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
+        kernel,
+        stride,
+        padding=kernel // 2,
         use_bias=False,
         kernel_init=conv_init,
         dtype=dtype,
