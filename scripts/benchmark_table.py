@@ -27,7 +27,7 @@ R18 = ["--teacher=resnet18", "--student=resnet18", "--image_size=64"]
 # The embedded default's shapes (configs/default.py): resnet10 width 16, 28 px digits.
 DEFAULT = [
     "--teacher=resnet10", "--student=resnet10", "--width=16", "--stem=small",
-    "--image_size=28", "--channels=1", "--classes_per_teacher=5",
+    "--image_size=28", "--channels=3", "--classes_per_teacher=5",
 ]  # fmt: skip
 
 GRIDS = {
