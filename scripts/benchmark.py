@@ -161,6 +161,7 @@ def main(argv=None):
         times.append(time.perf_counter() - t)
     step_s = float(np.median(times))
     peak, peak_source = peak_flops_per_s(devices[0])
+    device_stats = devices[0].memory_stats() or {}  # None on CPU
     if args.parallelism == "pmap":
         flops *= len(devices)  # cost analysis of a pmapped step is per device
     result = {
@@ -181,10 +182,11 @@ def main(argv=None):
             for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")
             if memory is not None and hasattr(memory, k)
         },
-        "device_peak_memory_mb": (devices[0].memory_stats() or {}).get("peak_bytes_in_use", 0)
-        / 2**20
-        if devices[0].memory_stats()
-        else None,
+        "device_peak_memory_mb": (
+            device_stats["peak_bytes_in_use"] / 2**20
+            if "peak_bytes_in_use" in device_stats
+            else None
+        ),
         "process_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "loss": float(metrics["loss"]),
     }

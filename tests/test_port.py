@@ -5,11 +5,9 @@ These tests need torch and torchvision (the ``[port]`` extra); without them the 
 to import with a message saying so, rather than being skipped.
 """
 
-import importlib.util
 import json
 import pickle
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -27,22 +25,13 @@ except ImportError as err:  # fail loudly: these tests must run in CI
 from cka_jax import experiment, port
 from cka_jax.checkpoint import load_model
 from tests import tiny_config
+from tests.script_loader import load_script
 
-REPO = Path(__file__).resolve().parents[1]
 ARCHS = ("resnet18", "resnet34", "resnet50")
 NUM_CLASSES = 10
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "port_torch_resnet", REPO / "scripts" / "port_torch_resnet.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-script = load_script()
+script = load_script("port_torch_resnet")
 
 
 def torchvision_model(arch, num_classes=NUM_CLASSES, seed=0, size=64):

@@ -9,9 +9,7 @@ Skipped without torch/torchvision. Tiny shapes, one CPU thread: a few seconds.
 """
 
 import copy
-import importlib.util
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +21,8 @@ pytest.importorskip("torchvision")
 
 from cka_jax import losses  # noqa: E402
 from cka_jax.models import AmalgamationHeads  # noqa: E402
+from tests.script_loader import load_script  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 RTOL, ATOL = 1e-5, 1e-6
 
 # Jitted: one compile per shape costs far less than eager op-by-op dispatch on a small CPU.
@@ -33,16 +31,7 @@ jax_soft_target_kl = jax.jit(losses.soft_target_kl, static_argnames=("temperatur
 jax_reconstruction_loss = jax.jit(losses.reconstruction_loss)
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "torch_reference", REPO / "scripts" / "torch_reference.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ref = load_script()
+ref = load_script("torch_reference")
 
 
 @pytest.fixture(scope="module", autouse=True)
