@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from cka_jax.data import augment_config, default_source_config
+from cka_jax.distributed import distributed_config
 from cka_jax.models import ARCHITECTURES
 from cka_jax.train.methods import INTER_KINDS, TRAINED_METHODS
 from cka_jax.train.step import PARALLELISM
@@ -35,8 +36,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = default_source_config("mnist_embedded")
     # Sources beyond `data` for a cross-dataset union (each dataset one task), e.g. Table 5.
     c.union = ()
-    # How `data`'s classes become teacher tasks ('shuffle' | 'contiguous'), when no union.
-    c.tasks = ml_collections.ConfigDict(dict(num_tasks=2, mode="contiguous", seed=0))
+    # How `data`'s classes become teacher tasks ('shuffle' | 'contiguous'), when no union;
+    # or `class_lists`, one tuple of class ids per task, e.g. ((0, 1, 2), (3, 4)).
+    c.tasks = ml_collections.ConfigDict(
+        dict(num_tasks=2, mode="contiguous", seed=0, class_lists=())
+    )
     c.augment = augment_config("imagenet")
 
     # Teachers: `teacher` is the default for every task; `teachers` (a tuple of dicts with
@@ -82,6 +86,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Computation dtype of every model and head: 'float32' | 'bfloat16'. Parameters, the
     # optimiser state and every loss reduction stay float32 either way.
     c.compute_dtype = "float32"
+    # Multi-process runs (cka_jax.distributed): join with JAX's distributed runtime.
+    c.distributed = distributed_config()
     c.log_every = 50
     c.checkpoint_every = 0  # steps; 0 = at each epoch end
     c.keep_checkpoints = 3

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 from pathlib import Path
 
 import jax
@@ -35,6 +36,7 @@ from cka_jax.data import (
     train_kwargs,
     union_of_datasets,
 )
+from cka_jax.distributed import barrier, is_primary
 from cka_jax.models import create_model, init_variables
 from cka_jax.train import methods
 from cka_jax.train.loop import fit
@@ -56,14 +58,17 @@ def prepare_data(cfg):
         datasets = [load_source(cfg.data)] + [load_source(c) for c in cfg.union]
         return union_of_datasets(datasets)
     dataset = load_source(cfg.data)
-    class_lists = cfg.tasks.get("class_lists")
-    return split_classes(
-        dataset,
-        None if class_lists else cfg.tasks.num_tasks,
-        seed=cfg.tasks.seed,
-        mode=cfg.tasks.mode,
-        class_lists=class_lists,
-    )
+    class_lists = cfg.tasks.get("class_lists") or None
+    try:
+        return split_classes(
+            dataset,
+            None if class_lists else cfg.tasks.num_tasks,
+            seed=cfg.tasks.seed,
+            mode=cfg.tasks.mode,
+            class_lists=class_lists,
+        )
+    except ValueError as err:
+        raise ValueError(f"config.tasks does not give valid teacher tasks: {err}") from None
 
 
 def make_augment(aug_cfg):
@@ -147,18 +152,38 @@ def get_teachers(cfg, taskset, dataset, workdir: Path):
         out_dir = workdir / "teachers" / name
         if m.checkpoint and not m.finetune:
             model, variables, meta = checkpoint.load_model(m.checkpoint, dtype=compute_dtype(cfg))
-            if meta["num_classes"] != len(task_classes):
-                raise checkpoint.CheckpointError(
-                    f"teacher checkpoint {m.checkpoint} ({meta['arch']}) has "
-                    f"{meta['num_classes']} classes but task '{name}' has "
-                    f"{len(task_classes)}; give a checkpoint trained on that task's classes"
-                )
+            check_teacher_fits(meta, m, cfg, t, name, len(task_classes))
         elif checkpoint.has_model(out_dir):
             model, variables, meta = checkpoint.load_model(out_dir, dtype=compute_dtype(cfg))
         else:
             model, variables = train_teacher(cfg, m, taskset, dataset, t, out_dir)
         teachers.append((model, variables))
     return teachers
+
+
+def check_teacher_fits(meta: dict, m, cfg, t: int, task: str, num_classes: int) -> None:
+    """A frozen teacher checkpoint must fit its task: its class count, the image channels,
+    and any architecture field `config.teachers[t]` names explicitly."""
+    where = f"teacher checkpoint {m.checkpoint} ({meta['arch']}, {meta['num_classes']} classes)"
+    if meta["num_classes"] != num_classes:
+        raise checkpoint.CheckpointError(
+            f"{where} does not fit task '{task}', which has {num_classes} classes; "
+            "give a checkpoint trained on that task's classes"
+        )
+    channels = meta.get("channels", 3)
+    if channels != int(cfg.augment.channels):
+        raise checkpoint.CheckpointError(
+            f"{where} takes {channels}-channel images but task '{task}' feeds "
+            f"{cfg.augment.channels}-channel ones; set config.augment.channels={channels}"
+        )
+    explicit = dict(cfg.teachers[t]) if cfg.teachers else {}
+    for field in ("arch", "width", "stem"):
+        if field in explicit and field in meta and explicit[field] != meta[field]:
+            raise checkpoint.CheckpointError(
+                f"{where} is a {field}={meta[field]!r} model but config.teachers[{t}] asks for "
+                f"{field}={explicit[field]!r} for task '{task}'; drop that field (the "
+                "checkpoint's model.json decides) or give a matching checkpoint"
+            )
 
 
 def per_class_fraction(split, fraction: float, seed: int):
@@ -312,7 +337,9 @@ def run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir: Path
         "params": param_count(result.variables),
         "wall_s": round(result.wall_s, 1),
     }
-    checkpoint.write_json_atomic(result_file, row)
+    if is_primary():
+        checkpoint.write_json_atomic(result_file, row)
+    barrier(f"result {result_file}")
     return row
 
 
@@ -331,14 +358,46 @@ def export_student(workdir: Path, rows: list[dict]) -> None:
     checkpoint.save_model(workdir / "student", variables, meta)
 
 
+class WorkdirError(OSError):
+    """The workdir cannot be created, read or written."""
+
+
+def prepare_workdir(workdir) -> Path:
+    """Creates ``workdir`` and checks, before any work, that files can be written and read
+    back there."""
+    workdir = Path(workdir).expanduser().absolute()
+    probe = workdir / f".write_test.{os.getpid()}.{jax.process_index()}"
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        readable = probe.read_text() == "ok"
+        probe.unlink()
+        os.listdir(workdir)
+    except (FileExistsError, NotADirectoryError):
+        culprit = next(p for p in (workdir, *workdir.parents) if p.exists())
+        raise WorkdirError(
+            f"workdir {workdir} cannot be a directory: {culprit} is a file; "
+            "choose another --workdir"
+        ) from None
+    except OSError as err:
+        raise WorkdirError(
+            f"workdir {workdir} is not usable ({err.strerror}: {err.filename}); fix its "
+            "permissions or choose another --workdir"
+        ) from None
+    if not readable:
+        raise WorkdirError(f"workdir {workdir}: a file written there did not read back")
+    return workdir
+
+
 def run(cfg, workdir) -> str:
     """Runs the whole experiment; returns the results table (markdown)."""
     validate(cfg)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+    workdir = prepare_workdir(workdir)
+    if is_primary():
+        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
     taskset, dataset = prepare_data(cfg)
-    (workdir / "tasks.json").write_text(json.dumps(taskset.to_dict(), indent=2))
+    if is_primary():
+        (workdir / "tasks.json").write_text(json.dumps(taskset.to_dict(), indent=2))
     log.info(
         "data %s: %d train / %d test images, %d classes in %d tasks %s",
         dataset.name, len(dataset.train), len(dataset.test), taskset.num_classes,

@@ -12,7 +12,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from cka_jax import experiment
+from cka_jax import distributed, experiment
 from cka_jax.checkpoint import CheckpointError
 from cka_jax.data import DataNotFoundError, DataPreparationError
 from cka_jax.train.loop import NonFiniteLossError
@@ -28,6 +28,8 @@ USER_ERRORS = (
     DataPreparationError,
     CheckpointError,
     NonFiniteLossError,
+    experiment.WorkdirError,
+    distributed.DistributedInitError,
     ValueError,
     PermissionError,
 )
@@ -38,10 +40,14 @@ def main(argv):
     logging.getLogger("cka_jax").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
     try:
+        # Before any JAX computation: join the other processes when asked to.
+        distributed.initialize(FLAGS.config.get("distributed", distributed.distributed_config()))
         table = experiment.run(FLAGS.config, FLAGS.workdir)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    if not distributed.is_primary():
+        return
     print(table)
     print(f"\nwrote {FLAGS.workdir}/results.json and {FLAGS.workdir}/results.md")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from cka_jax.checkpoint import write_json_atomic
+from cka_jax.distributed import is_primary
 
 
 def _mean_std(values):
@@ -69,8 +70,10 @@ def write_report(workdir, rows: list[dict], task_names, *, title: str = "Results
     """Writes results.json and results.md into ``workdir``; returns the markdown table."""
     workdir = Path(workdir)
     summary = summarize(rows)
-    write_json_atomic(workdir / "results.json", {"rows": rows, "summary": summary})
     table = markdown_table(summary, list(task_names))
+    if not is_primary():  # process 0 writes the report of a multi-process run
+        return table
+    write_json_atomic(workdir / "results.json", {"rows": rows, "summary": summary})
     note = (
         "Accuracy in percent on the union test set (merged: argmax over all classes; per task: "
         "argmax within the task's classes). Mean ± sample std over seeds where several ran. "

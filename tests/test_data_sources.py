@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,6 +197,24 @@ def test_aircraft_variant_level(tmp_path, no_network):
     assert banner.train.images[:, -1].min() > 240
 
 
+def test_aircraft_skips_corrupt_and_empty_images_or_raises_when_strict(tmp_path, caplog):
+    data = make_aircraft(tmp_path)
+    with open(os.path.join(data, "images_variant_trainval.txt")) as f:
+        ids = [line.split()[0] for line in f]
+    (Path(data) / "images" / f"{ids[0]}.jpg").write_bytes(b"")  # zero bytes
+    jpeg = (Path(data) / "images" / f"{ids[5]}.jpg").read_bytes()
+    (Path(data) / "images" / f"{ids[5]}.jpg").write_bytes(jpeg[:40])  # truncated header
+    with caplog.at_level(logging.WARNING):
+        ds = load_source({"name": "fgvc_aircraft", "root": str(tmp_path), "image_size": 16})
+    assert len(ds.train) == 4 * 3 - 2 and len(ds.test) == 4
+    np.testing.assert_array_equal(_class_of(ds.train.images), ds.train.labels)  # stay aligned
+    assert "fgvc_aircraft/trainval: skipped 2 unreadable image(s) of 12" in caplog.text
+    assert f"{ids[0]}.jpg" in caplog.text
+    strict = {"name": "fgvc_aircraft", "root": str(tmp_path), "image_size": 16, "strict": True}
+    with pytest.raises(ValueError, match=f"cannot decode image .*({ids[0]}|{ids[5]}).jpg"):
+        load_source(strict)
+
+
 def test_aircraft_family_and_manufacturer_levels(tmp_path):
     make_aircraft(tmp_path)
     for level, mapping in [("family", FAMILY), ("manufacturer", MAKER)]:
@@ -291,7 +310,7 @@ def test_image_folder_skips_bad_images_or_raises_when_strict(tmp_path, caplog):
         ds = load_source({"name": "image_folder", "root": str(tmp_path), "image_size": 8})
     assert len(ds.train) == 9
     np.testing.assert_array_equal(_class_of(ds.train.images), ds.train.labels)
-    assert "skipped 2 unreadable" in caplog.text
+    assert "/train: skipped 2 unreadable image(s) of 11" in caplog.text
     with pytest.raises(ValueError, match="empty.jpg|broken.png"):
         load_source(
             {"name": "image_folder", "root": str(tmp_path), "image_size": 8, "strict": True}

@@ -181,3 +181,23 @@ def test_split_invariants_hold_for_any_size(k, data):
     _check_invariants(ts, k)
     _check_relabel(ds, ts, out)
     assert max(ts.sizes) - min(ts.sizes) <= 1  # near-equal parts
+
+
+@settings(max_examples=25, deadline=None)
+@given(k=st.integers(1, 20), data=st.data())
+def test_any_disjoint_class_lists_give_valid_tasks(k, data):
+    """Any partition of any subset of the classes (in any order) into non-empty lists."""
+    chosen = data.draw(st.permutations(range(k)).map(lambda p: p[: data.draw(st.integers(1, k))]))
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(chosen) - 1))) if len(chosen) > 1 else [])
+    lists = [list(chosen[a:b]) for a, b in zip([0, *cuts], [*cuts, len(chosen)], strict=True)]
+    ds = _dataset(k=k, per_class=1)
+    ts, out = split_classes(ds, None, class_lists=lists)
+    _check_invariants(ts, len(chosen))
+    kept = Dataset(  # the input restricted to the chosen classes, original labels
+        ds.name,
+        ds.class_names,
+        *(sp.take(np.flatnonzero(np.isin(sp.labels, chosen))) for sp in (ds.train, ds.test)),
+    )
+    _check_relabel(kept, ts, out)
+    assert [list(g) for g in ts.source_classes] == lists
+    assert TaskSet.from_dict(json.loads(json.dumps(ts.to_dict()))) == ts

@@ -1,13 +1,12 @@
-"""Interrupted runs: a real process killed mid-training resumes to the same result, and a
-loss that becomes NaN stops the run with the last good checkpoint kept."""
+"""Interrupted and repeated runs: the same config and seed give the same results in a fresh
+process; a real process killed twice (while a teacher trains, then mid-amalgamation) and
+restarted ends with the same result; a loss that becomes NaN stops the run with the last
+good checkpoint kept."""
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -17,30 +16,7 @@ from cka_jax import experiment
 from cka_jax.checkpoint import RunCheckpoints
 from cka_jax.train.loop import NonFiniteLossError
 from tests import tiny_config
-
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "tests" / "tiny_config.py"
-
-
-def main_command(workdir):
-    return [
-        sys.executable,
-        "-m",
-        "cka_jax.main",
-        f"--config={CONFIG}",
-        f"--workdir={workdir}",
-        "--config.teacher_epochs=1",
-    ]
-
-
-def final_state(workdir):
-    ckpts = RunCheckpoints(workdir / "runs" / "kd" / "seed_0" / "checkpoints")
-    try:
-        step = ckpts.manager.latest_step()
-        restored = ckpts.manager.restore(step)
-    finally:
-        ckpts.close()
-    return step, restored
+from tests.main_process import REPO, assert_same_run, final_state, main_command, run_main
 
 
 def kill_when(proc, ready, timeout=240):
@@ -64,17 +40,22 @@ def checkpoint_steps(workdir):
     return [int(p.name) for p in d.iterdir() if p.name.isdigit()]
 
 
-@pytest.mark.slow
-def test_killed_run_resumes_to_the_same_result(tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    reference = tmp_path / "uninterrupted"
-    subprocess.run(main_command(reference), cwd=REPO, env=env, check=True, capture_output=True)
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
+
+@pytest.mark.slow
+def test_same_config_and_seed_give_the_same_results_twice(tiny_main_run, tmp_path):
+    run_main(tmp_path, env=ENV)
+    assert_same_run(tiny_main_run, tmp_path, runs=("runs/kd/seed_0", "teachers/task0.run"))
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(tiny_main_run, tmp_path):
     interrupted = tmp_path / "interrupted"
 
     # Kill twice: once while a teacher trains, once in the middle of the amalgamation.
     def start():
-        return subprocess.Popen(main_command(interrupted), cwd=REPO, env=env, text=True,
+        return subprocess.Popen(main_command(interrupted), cwd=REPO, env=ENV, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
 
     kill_when(start(), lambda: any((interrupted / "teachers").glob("task0.run/checkpoints/*")))
@@ -82,20 +63,13 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     killed_at = max(checkpoint_steps(interrupted))
     assert killed_at < 20, "killed after the run had finished"
     done = subprocess.run(
-        main_command(interrupted), cwd=REPO, env=env, capture_output=True, text=True
+        main_command(interrupted), cwd=REPO, env=ENV, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from step" in done.stderr
-
-    ref_step, ref_state = final_state(reference)
-    got_step, got_state = final_state(interrupted)
-    assert ref_step == got_step == 20
-    jax.tree.map(np.testing.assert_array_equal, ref_state["state"], got_state["state"])
-    ref_rows = json.loads((reference / "results.json").read_text())["rows"]
-    got_rows = json.loads((interrupted / "results.json").read_text())["rows"]
-    for ref, got in zip(ref_rows, got_rows, strict=True):
-        ref.pop("wall_s", None), got.pop("wall_s", None)
-        assert ref == got
+    assert final_state(interrupted / "runs" / "kd" / "seed_0")[0] == 20
+    runs = ("runs/kd/seed_0", "teachers/task0.run", "teachers/task1.run")
+    assert_same_run(tiny_main_run, interrupted, runs)
 
 
 def test_nan_loss_stops_with_term_and_step_and_keeps_last_good_checkpoint(tmp_path):

@@ -24,7 +24,7 @@ import numpy as np
 
 from .base import Dataset, Split
 from .errors import DataNotFoundError
-from .imaging import cache_dir_for, cache_key, cached, decode_many
+from .imaging import cache_dir_for, cache_key, cached, decode_labelled
 
 NAME = "fgvc_aircraft"
 ARCHIVE_DIR = "fgvc-aircraft-2013b"
@@ -162,6 +162,7 @@ def load_fgvc_aircraft(cfg: ml_collections.ConfigDict) -> Dataset:
         resize=cfg.resize,
         channels=cfg.channels,
         crop_banner=bool(cfg.crop_banner),
+        strict=bool(cfg.strict),
         lists=[(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in listed],
     )
     path = os.path.join(cache_dir_for(root, cfg.cache_dir), key) if cfg.cache else None
@@ -170,14 +171,17 @@ def load_fgvc_aircraft(cfg: ml_collections.ConfigDict) -> Dataset:
         out = {}
         for k, split in splits.items():
             ex = examples(data_dir, level, split, class_names)
-            images, _ = decode_many(
+            images, labels = decode_labelled(
                 [p for _, p, _ in ex],
+                np.array([y for _, _, y in ex], np.int32),
                 int(cfg.image_size),
+                strict=bool(cfg.strict),
+                what=f"{NAME}/{split}",
                 resize=cfg.resize,
                 channels=int(cfg.channels),
                 crop_bottom=BANNER_PIXELS if cfg.crop_banner else 0,
             )
-            out[k] = Split(images, np.array([y for _, _, y in ex], np.int32))
+            out[k] = Split(images, labels)
         return out, {"class_names": class_names}
 
     data, meta = cached(path, build)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 import ml_collections
@@ -10,7 +9,7 @@ import numpy as np
 
 from .base import Dataset, Split
 from .errors import DataNotFoundError
-from .imaging import cache_dir_for, cache_key, cached, decode_many
+from .imaging import cache_dir_for, cache_key, cached, decode_labelled
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -87,22 +86,15 @@ def load_image_folder(cfg: ml_collections.ConfigDict) -> Dataset:
         for k, split in splits.items():
             files = listing[k][1]
             labels = np.array([label_of(p, split) for p in files], np.int32)
-            images, failed = decode_many(
+            images, labels = decode_labelled(
                 files,
+                labels,
                 int(cfg.image_size),
+                strict=bool(cfg.strict),
+                what=f"{name}/{split}",
                 resize=cfg.resize,
                 channels=int(cfg.channels),
-                skip_errors=not cfg.strict,
             )
-            if failed:
-                logging.warning(
-                    "%s/%s: skipped %d unreadable image(s), e.g. %s",
-                    name,
-                    split,
-                    len(failed),
-                    ", ".join(files[i] for i in failed[:3]),
-                )
-                labels = np.delete(labels, failed)
             out[k] = Split(images, labels)
         return out, {"class_names": class_names}
 

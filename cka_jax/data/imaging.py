@@ -123,6 +123,24 @@ def decode_many(
     return (out[ok] if failed else out), failed
 
 
+def decode_labelled(
+    files: Sequence[str], labels: np.ndarray, image_size: int, *, strict: bool, what: str, **kwargs
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decodes labelled image files. A corrupt or zero-byte file is skipped, and the count
+    logged as a warning naming a few, or raises naming it when ``strict``."""
+    images, failed = decode_many(files, image_size, skip_errors=not strict, **kwargs)
+    if failed:
+        logging.warning(
+            "%s: skipped %d unreadable image(s) of %d, e.g. %s (set strict=True to stop instead)",
+            what,
+            len(failed),
+            len(files),
+            ", ".join(str(files[i]) for i in failed[:3]),
+        )
+        labels = np.delete(labels, failed)
+    return images, labels
+
+
 def cache_key(**fields: Any) -> str:
     """A short stable hash of ``fields`` (JSON-serialisable values)."""
     blob = json.dumps({"v": _CACHE_VERSION, **fields}, sort_keys=True, default=str)

@@ -50,10 +50,15 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     return epoch_order(n, seed, epoch)[pos * batch_size : (pos + 1) * batch_size]
 
 
-def train_batch(split: Split, batch_size: int, seed: int, step: int) -> dict[str, np.ndarray]:
+def train_batch(
+    split: Split, batch_size: int, seed: int, step: int, rows: slice = slice(None)
+) -> dict[str, np.ndarray]:
     """Training batch of global step ``step``: ``image`` uint8 (B, H, W, C), ``label`` (B,)
-    and ``index`` (B,) (positions in ``split``). Fully determined by (seed, step)."""
-    idx = batch_indices(len(split), batch_size, seed, step)
+    and ``index`` (B,) (positions in ``split``). Fully determined by (seed, step).
+
+    ``rows`` selects part of the batch: a process of a multi-process run reads only the
+    images its devices train on."""
+    idx = batch_indices(len(split), batch_size, seed, step)[rows]
     return {
         "image": np.asarray(split.images[idx]),
         "label": np.asarray(split.labels[idx]),

@@ -57,6 +57,7 @@ def default_source_config(name: str) -> ml_collections.ConfigDict:
             train_split="trainval",
             test_split="test",
             crop_banner=True,
+            strict=False,  # True: a corrupt image stops loading instead of being skipped
         )
     elif name == "image_folder":
         fields = dict(common, root=None, train_split="train", test_split="test", strict=False)

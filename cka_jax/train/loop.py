@@ -21,6 +21,7 @@ import numpy as np
 
 from cka_jax.checkpoint import RunCheckpoints, save_model
 from cka_jax.data import num_batches, train_batch
+from cka_jax.distributed import is_primary
 from cka_jax.train.step import Runner, StepSpec, create_train_state
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,10 @@ def _student_variables(state) -> dict:
 class MetricsLog:
     """Per-step metrics as JSON lines (and TensorBoard events when tensorboardX is there)."""
 
-    def __init__(self, run_dir: Path, resume_step: int):
+    def __init__(self, run_dir: Path, resume_step: int, enabled: bool = True):
+        self.enabled = enabled  # only process 0 of a multi-process run writes
+        if not enabled:
+            return
         self.path = run_dir / "metrics.jsonl"
         kept = []
         if self.path.exists():
@@ -63,6 +67,8 @@ class MetricsLog:
             self.tb = None
 
     def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
         self.file.write(json.dumps({"step": step, **values}) + "\n")
         if self.tb is not None:
             for key, value in values.items():
@@ -70,6 +76,8 @@ class MetricsLog:
                     self.tb.add_scalar(key, value, step)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.file.close()
         if self.tb is not None:
             self.tb.close()
@@ -126,9 +134,10 @@ def fit(
         state, meta = restored
         log.info("%s: resuming from step %d", name, int(state.step))
     start = int(state.step)
-    metrics_log = MetricsLog(run_dir, start)
+    metrics_log = MetricsLog(run_dir, start, enabled=is_primary())
     state = runner.put_state(state)
     teacher_variables = runner.put_replicated(teacher_variables)
+    rows = runner.local_rows(batch_size)
 
     pending: list[tuple[int, dict]] = []
     t_start = time.time()
@@ -165,7 +174,7 @@ def fit(
 
     try:
         for step in range(start, total_steps):
-            batch = runner.put_batch(train_batch(split, batch_size, seed, step))
+            batch = runner.put_batch(train_batch(split, batch_size, seed, step, rows), batch_size)
             state, metrics = runner.step(state, teacher_variables, batch)
             pending.append((step + 1, metrics))
             steps_window += 1

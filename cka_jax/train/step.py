@@ -194,6 +194,11 @@ def _step_function(spec: StepSpec, parallelism: str, devices: tuple):
             step, axis_name=PMAP_AXIS, in_axes=(0, None, 0), donate_argnums=(0,), devices=devices
         )
     step = lambda s, t, b: _train_step(s, t, b, spec=spec)
+    if parallelism == "mesh":
+        # The new state and the metrics stay whole on every device, so that every process
+        # of a multi-process run can read them.
+        replicated = NamedSharding(Mesh(np.array(devices), (MESH_AXIS,)), P())
+        return jax.jit(step, donate_argnums=(0,), out_shardings=replicated)
     return jax.jit(step, donate_argnums=(0,))
 
 
@@ -203,6 +208,11 @@ class Runner:
     def __init__(self, spec: StepSpec, parallelism: str, devices=None):
         if parallelism not in PARALLELISM:
             raise ValueError(f"parallelism must be one of {PARALLELISM}, got {parallelism!r}")
+        if jax.process_count() > 1 and parallelism != "mesh":
+            raise ValueError(
+                f"parallelism={parallelism!r} runs on one process's devices, but "
+                f"{jax.process_count()} processes were joined; use parallelism='mesh'"
+            )
         self.devices = list(devices if devices is not None else jax.devices())
         if parallelism == "single":
             self.devices = self.devices[:1]
@@ -246,11 +256,30 @@ class Runner:
     def put_replicated(self, tree):
         return jax.device_put(tree, self.replicated)
 
-    def put_batch(self, batch: dict):
+    def local_rows(self, batch_size: int) -> slice:
+        """The rows of a global batch that this process feeds: all of them for one process,
+        else the contiguous block its devices hold in the 'data' mesh axis."""
+        if jax.process_count() == 1:
+            return slice(0, batch_size)
+        index_map = self.sharded.addressable_devices_indices_map((batch_size,))
+        starts = sorted(idx[0].start or 0 for idx in index_map.values())
+        stops = sorted(idx[0].stop or batch_size for idx in index_map.values())
+        if any(b != a for a, b in zip(stops[:-1], starts[1:], strict=True)):
+            raise ValueError("this process's devices do not hold a contiguous block of the batch")
+        return slice(starts[0], stops[-1])
+
+    def put_batch(self, batch: dict, batch_size: int | None = None):
+        """Places a batch on the devices. ``batch`` holds this process's rows
+        (`local_rows`) of a global batch of ``batch_size`` (the whole batch for one process)."""
         if self.parallelism == "pmap":
             n = self.num_devices
             batch = {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
-        return jax.device_put(batch, self.sharded)
+        if jax.process_count() == 1:
+            return jax.device_put(batch, self.sharded)
+        return {
+            k: jax.make_array_from_process_local_data(self.sharded, v, (batch_size, *v.shape[1:]))
+            for k, v in batch.items()
+        }
 
     def step(self, state, teacher_variables, batch):
         """One update; metrics stay on the device (fetch them rarely)."""
