@@ -45,6 +45,18 @@ def parse_args(argv=None):
     p.add_argument("--parallelism", default="mesh", help="mesh | pmap | single")
     p.add_argument("--steps", type=int, default=20, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--no_augment", action="store_true")
+    p.add_argument(
+        "--two_views",
+        action="store_true",
+        help="run the second augmented view through the student for every method (kd and "
+        "cka_inter use one view; cka and cka_intra always use two)",
+    )
+    p.add_argument(
+        "--profile",
+        default="",
+        help="directory: trace a few more steps with jax.profiler and print the ops that "
+        "take the most time",
+    )
     p.add_argument("--compare_torch", action="store_true")
     p.add_argument("--out", default="", help="JSON output file")
     return p.parse_args(argv)
@@ -80,6 +92,22 @@ def peak_flops_per_s(device) -> tuple[float | None, str]:
     return None, "unknown"
 
 
+def _two_views_class():
+    import dataclasses
+
+    from cka_jax.train.methods import Method
+
+    @dataclasses.dataclass(frozen=True, eq=False)  # Method's hash and equality
+    class TwoViews(Method):
+        """The method with the second view run through the student even if unused."""
+
+        @property
+        def two_views(self) -> bool:
+            return True
+
+    return TwoViews
+
+
 def build_step(args):
     """The step `main` would run for these shapes: ``(spec, student variables, teacher
     variables)``, with randomly initialised teachers (timing does not depend on weights)."""
@@ -96,6 +124,10 @@ def build_step(args):
     cfg.compute_dtype = args.dtype
     dtype = experiment.compute_dtype(cfg)
     method = methods.build_method(args.method, cfg.loss)
+    if args.two_views:
+        method = _two_views_class()(
+            **{f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
+        )
     teachers, teacher_vars = [], []
     for t in range(args.teachers if method.uses_teachers else 0):
         m = model_config(args.teacher, width=args.width, stem=args.stem)
@@ -190,6 +222,8 @@ def main(argv=None):
         "process_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "loss": float(metrics["loss"]),
     }
+    if args.profile:
+        result["profile"] = profile_steps(runner, state, teacher_vars, batch, args.profile)
     if args.compare_torch:
         result["torch"] = torch_side(args)
         result["jax_over_torch_time"] = step_s / result["torch"]["step_seconds_median"]
@@ -197,6 +231,48 @@ def main(argv=None):
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return result
+
+
+def profile_steps(runner, state, teacher_vars, batch, log_dir, steps=5, top=25) -> dict:
+    """Traces ``steps`` steps with jax.profiler and sums the time of each XLA op (over
+    every thread) from the Perfetto trace; returns the ``top`` ops in ms per step."""
+    import collections
+    import gzip
+
+    import jax
+
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            state, metrics = runner.step(state, teacher_vars, runner.put_batch(batch))
+        jax.block_until_ready((state, metrics))
+    trace_file = max(Path(log_dir).rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    events = json.loads(gzip.decompress(trace_file.read_bytes()))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    ops, kinds = collections.Counter(), collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        # XLA ops only: Python frames start with '$', runtime wrappers hold '::' or '('.
+        if e.get("ph") != "X" or "dur" not in e or name.startswith("$") or "::" in name:
+            continue
+        if "(" in name or name in ("ParseArguments", "shard_args", "Handle inputs"):
+            continue
+        if name.split(".")[0] in ("while", "call", "conditional"):  # their body ops count
+            continue
+        ms = e["dur"] / 1e3 / steps
+        ops[name] += ms
+        kinds[name.rsplit(".", 1)[0] if name.rsplit(".", 1)[-1].isdigit() else name] += ms
+    total = sum(ops.values())
+    print(f"profile ({trace_file}): XLA ops, ms per step summed over threads ({total:.1f} total)")
+    for title, counter in (("by kind", kinds), ("by op", ops)):
+        print(f" {title}:")
+        for name, ms in counter.most_common(top):
+            print(f"  {ms:9.2f}  {100 * ms / total:5.1f}%  {name}")
+    return {
+        "trace": str(trace_file),
+        "op_ms_per_step_total": total,
+        "by_kind_ms": dict(kinds.most_common(top)),
+        "by_op_ms": dict(ops.most_common(top)),
+    }
 
 
 def torch_side(args) -> dict:
@@ -214,7 +290,31 @@ def torch_side(args) -> dict:
         args.classes_per_teacher,
         stem=args.stem,
     )
-    return torch_reference.benchmark(step, args.batch_size, args.image_size, repeats=args.steps)
+    result = torch_reference.benchmark(step, args.batch_size, args.image_size, repeats=args.steps)
+    if args.profile:
+        result["profile"] = torch_profile(step, args)
+    return result
+
+
+def torch_profile(step, args, steps=5, top=25) -> dict:
+    """torch.profiler over ``steps`` steps: the ops with the most self time, ms per step."""
+    import torch
+
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    images = images.contiguous(memory_format=step.memory_format)
+    step.step(images)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step.step(images)
+    rows = sorted(prof.key_averages(), key=lambda r: r.self_cpu_time_total, reverse=True)
+    total = sum(r.self_cpu_time_total for r in rows) / 1e3 / steps
+    print(f"torch profile: ops by self CPU time, ms per step ({total:.1f} total)")
+    ranked = {}
+    for r in rows[:top]:
+        ms = r.self_cpu_time_total / 1e3 / steps
+        ranked[r.key] = ms
+        print(f"  {ms:9.2f}  {100 * ms / total:5.1f}%  {r.key}")
+    return {"self_ms_total": total, "by_op_ms": ranked}
 
 
 if __name__ == "__main__":
