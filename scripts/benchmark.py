@@ -52,6 +52,12 @@ def parse_args(argv=None):
         "cka_inter use one view; cka and cka_intra always use two)",
     )
     p.add_argument(
+        "--against",
+        default="",
+        help="another method (suffix '+2v' for --two_views) timed in the same process, its "
+        "steps interleaved with this one's; prints the ratio of the two medians",
+    )
+    p.add_argument(
         "--profile",
         default="",
         help="directory: trace a few more steps with jax.profiler and print the ops that "
@@ -147,17 +153,13 @@ def build_step(args):
     return spec, student_vars, teacher_vars
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    _ensure_host_devices(args.devices)
+def prepare(args, devices):
+    """``(runner, placed state, placed teacher variables, host batch)`` for ``args``."""
     import jax
     import numpy as np
 
     from cka_jax.train.step import Runner, create_train_state
 
-    devices = jax.devices()[: args.devices]
-    if len(devices) < args.devices:
-        sys.exit(f"asked for {args.devices} devices, {len(jax.devices())} available")
     spec, student_vars, teacher_vars = build_step(args)
     runner = Runner(spec, args.parallelism, devices=devices)
     runner.check_batch_size(args.batch_size)
@@ -169,9 +171,29 @@ def main(argv=None):
         "label": rng.integers(0, args.classes_per_teacher * args.teachers, b).astype(np.int32),
     }
     state = create_train_state(spec, student_vars, teacher_vars, jax.random.key(0))
-    state = runner.put_state(state)
-    teacher_vars = runner.put_replicated(teacher_vars)
+    return runner, runner.put_state(state), runner.put_replicated(teacher_vars), batch
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    _ensure_host_devices(args.devices)
+    import jax
+    import numpy as np
+
+    devices = jax.devices()[: args.devices]
+    if len(devices) < args.devices:
+        sys.exit(f"asked for {args.devices} devices, {len(jax.devices())} available")
+    runner, state, teacher_vars, batch = prepare(args, devices)
     device_batch = runner.put_batch(batch)
+    b = args.batch_size
+    other = None
+    if args.against:
+        name, two_views = args.against.removesuffix("+2v"), args.against.endswith("+2v")
+        other_args = argparse.Namespace(**{**vars(args), "method": name, "two_views": two_views})
+        other = list(prepare(other_args, devices))
+        for _ in range(2):
+            other[1], _ = other[0].step(other[1], other[2], other[0].put_batch(other[3]))
+        jax.block_until_ready(other[1])
 
     t0 = time.perf_counter()
     compiled = runner.compile(state, teacher_vars, device_batch)
@@ -184,13 +206,19 @@ def main(argv=None):
     for _ in range(2):  # warm-up
         state, metrics = runner.step(state, teacher_vars, device_batch)
     jax.block_until_ready(state)
-    times = []
+    times, other_times = [], []
     for _ in range(args.steps):
         device_batch = runner.put_batch(batch)
         t = time.perf_counter()
         state, metrics = runner.step(state, teacher_vars, device_batch)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t)
+        if other is not None:  # interleaved, so both see the same machine state
+            other_batch = other[0].put_batch(other[3])
+            t = time.perf_counter()
+            other[1], other_metrics = other[0].step(other[1], other[2], other_batch)
+            jax.block_until_ready((other[1], other_metrics))
+            other_times.append(time.perf_counter() - t)
     step_s = float(np.median(times))
     peak, peak_source = peak_flops_per_s(devices[0])
     device_stats = devices[0].memory_stats() or {}  # None on CPU
@@ -222,6 +250,13 @@ def main(argv=None):
         "process_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "loss": float(metrics["loss"]),
     }
+    if other is not None:
+        result["against"] = {
+            "method": args.against,
+            "step_s_median": float(np.median(other_times)),
+            "step_s_min": float(np.min(other_times)),
+        }
+        result["over_against_time"] = step_s / result["against"]["step_s_median"]
     if args.profile:
         result["profile"] = profile_steps(runner, state, teacher_vars, batch, args.profile)
     if args.compare_torch:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from cka_jax.models.conv import Conv
+from cka_jax.models.pool import max_pool_3x3_s2
 
 # torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu').
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -131,7 +132,7 @@ class ResNet(nn.Module):
         if self.stem == "imagenet":
             x = conv(self.width, 7, 2, name="conv1", dtype=self.dtype)(x)
             x = nn.relu(norm(name="bn1")(x))
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = max_pool_3x3_s2(x)
         elif self.stem == "small":
             x = conv(self.width, 3, 1, name="conv1", dtype=self.dtype)(x)
             x = nn.relu(norm(name="bn1")(x))
