@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cka_jax.models import AmalgamationHeads, create_model, feature_channels
+from cka_jax.models import AmalgamationHeads, create_model, feature_channels, init_variables
 
 
 def param_count(tree):
@@ -52,8 +52,8 @@ def test_symmetric_padding_spatial_sizes_match_torch_formula(size):
 def test_small_stem_keeps_resolution_and_width_scales_channels():
     model = create_model("resnet10", 7, stem="small", width=8)
     x = jnp.ones((3, 28, 28, 1))
-    variables = model.init(jax.random.key(0), x)
-    logits, features = model.apply(variables, x)
+    variables = init_variables(model, 0, x.shape)  # jitted: eager init takes seconds
+    logits, features = jax.jit(model.apply)(variables, x)
     assert logits.shape == (3, 7)
     assert features.shape == (3, 4, 4, 64)  # 28 -> 28 -> 14 -> 7 -> 4, 8 * 8 channels
     assert set(variables) == {"params", "batch_stats"}
@@ -62,8 +62,9 @@ def test_small_stem_keeps_resolution_and_width_scales_channels():
 def test_train_mode_updates_batch_stats_with_torch_momentum():
     model = create_model("resnet10", 3, stem="small", width=4)
     x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3)) * 3 + 5
-    variables = model.init(jax.random.key(0), x)
-    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    variables = init_variables(model, 0, x.shape)
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
+    _, updates = apply(variables, x)
     mean0 = variables["batch_stats"]["bn1"]["mean"]
     mean1 = updates["batch_stats"]["bn1"]["mean"]
     # Reference: the stem conv output's batch mean, blended with momentum 0.9 (torch 0.1).

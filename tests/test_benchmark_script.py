@@ -1,0 +1,23 @@
+"""scripts/benchmark.py runs end to end on tiny shapes (a smoke test of the script, not a
+timing): its report has the documented fields, --two_views really adds the second student
+pass, and --against times a second method in the same process."""
+
+from tests.script_loader import load_script
+
+TINY = [
+    "--teacher=resnet10", "--student=resnet10", "--width=4", "--stem=small",
+    "--image_size=16", "--classes_per_teacher=3", "--batch_size=8", "--steps=2",
+]  # fmt: skip
+
+
+def test_benchmark_reports_flops_memory_and_an_interleaved_ratio(tmp_path, capsys):
+    benchmark = load_script("benchmark")
+    one_view = benchmark.main([*TINY, "--method=kd"])
+    both = benchmark.main([*TINY, "--method=kd", "--two_views", "--against=kd"])
+    for result in (one_view, both):
+        assert result["step_s_median"] > 0 and result["images_per_s"] > 0
+        assert result["compile_s"] > 0 and result["xla_memory_mb"]
+    # The student's forward and backward dominate: a second view adds most of their FLOPs.
+    assert both["step_gflops"] > 1.3 * one_view["step_gflops"]
+    assert both["against"]["method"] == "kd" and both["against"]["step_s_median"] > 0
+    assert both["over_against_time"] == both["step_s_median"] / both["against"]["step_s_median"]
