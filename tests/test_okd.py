@@ -1,0 +1,99 @@
+"""MCL-OKD's NCE contrast and memory bank against NumPy written from the paper's Eqs. 6, 9-11
+and the momentum update of Wu et al. (loops over samples, float64)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cka_jax import okd
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def reference_nce(anchors, memory, pos, neg, tau, n):
+    """Eq. 11 for each anchor i with its positive pos[i] and negatives neg[i, :]."""
+    a, mem = unit(np.float64(anchors)), unit(np.float64(memory))
+    s = neg.shape[1]
+    total = 0.0
+    for i in range(len(a)):
+        js = [pos[i], *neg[i]]
+        h = [np.exp(a[i] @ mem[j] / tau) for j in js]  # Eq. 6
+        z = n / (1 + s) * sum(h)  # Eq. 9, Z_i estimated from the 1 + S samples
+        p = [(hj / z) / (hj / z + s / n) for hj in h]  # Eq. 10
+        total += np.log(p[0] + 1e-7) + sum(np.log(1 - pk + 1e-7) for pk in p[1:])
+    return -total / len(a)
+
+
+@pytest.mark.parametrize("tau, s", [(0.1, 5), (0.07, 16), (1.0, 1)])
+def test_nce_contrast_matches_eqs_9_to_11(tau, s):
+    rng = np.random.default_rng(0)
+    n, b, d = 50, 6, 8
+    anchors = rng.normal(size=(b, d)).astype(np.float32)
+    memory = rng.normal(size=(n, d)).astype(np.float32)
+    pos = rng.permutation(n)[:b]
+    neg = rng.integers(0, n, (b, s))
+    got = okd.nce_contrast(anchors, memory, pos, neg, temperature=tau, num_data=n)
+    want = reference_nce(anchors, memory, pos, neg, tau, n)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_nce_contrast_is_lower_for_anchors_on_their_positives():
+    rng = np.random.default_rng(1)
+    n, b, s = 200, 8, 32
+    memory = unit(rng.normal(size=(n, 16))).astype(np.float32)
+    pos = np.arange(b)
+    neg = rng.integers(b, n, (b, s))
+    kwargs = dict(temperature=0.1, num_data=n)
+    aligned = okd.nce_contrast(memory[pos], memory, pos, neg, **kwargs)
+    unrelated = okd.nce_contrast(memory[pos + 100], memory, pos, neg, **kwargs)
+    assert float(aligned) < float(unrelated)
+
+
+def test_multi_view_contrast_is_the_full_graph_in_both_directions():
+    rng = np.random.default_rng(2)
+    m, n, b, s, d = 3, 40, 5, 7, 6
+    emb = rng.normal(size=(m, b, d)).astype(np.float32)
+    memory = rng.normal(size=(m, n, d)).astype(np.float32)
+    idx = rng.permutation(n)[:b]
+    neg = rng.integers(0, n, (m, m, b, s))
+    got = okd.multi_view_contrast(emb, memory, idx, neg, temperature=0.1, num_data=n)
+    want = sum(
+        reference_nce(emb[a], memory[c], idx, neg[a, c], 0.1, n)
+        for a in range(m)
+        for c in range(m)
+        if a != c
+    )
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_memory_bank_update_is_the_normalised_momentum_mix_of_the_batch_rows():
+    rng = np.random.default_rng(3)
+    m, n, b, d = 2, 30, 4, 5
+    memory = unit(rng.normal(size=(m, n, d))).astype(np.float32)
+    emb = rng.normal(size=(m, b, d)).astype(np.float32)
+    idx = np.array([7, 0, 29, 12])
+    got = np.asarray(okd.update_memory_bank(memory, idx, emb, momentum=0.5))
+    want = np.float64(memory).copy()
+    for v in range(m):
+        for k, i in enumerate(idx):
+            mixed = 0.5 * want[v, i] + 0.5 * unit(np.float64(emb[v, k]))
+            want[v, i] = mixed / np.linalg.norm(mixed)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    untouched = np.setdiff1d(np.arange(n), idx)
+    np.testing.assert_array_equal(got[:, untouched], memory[:, untouched])
+    # The bank is state, not a path for gradients into the embeddings.
+    grad = jax.grad(lambda e: jnp.sum(okd.update_memory_bank(memory, idx, e, momentum=0.5)))
+    np.testing.assert_array_equal(grad(jnp.asarray(emb)), 0.0)
+
+
+def test_negatives_are_uniform_indices_of_the_training_set():
+    neg = np.asarray(okd.sample_negatives(jax.random.key(0), 64, 256, 10))
+    assert neg.shape == (64, 256) and neg.min() == 0 and neg.max() == 9
+    counts = np.bincount(neg.ravel(), minlength=10) / neg.size
+    np.testing.assert_allclose(counts, 0.1, atol=0.01)
+    bank = np.asarray(okd.init_memory_bank(jax.random.key(1), 4, 100, 128))
+    assert bank.shape == (4, 100, 128)
+    np.testing.assert_allclose(np.linalg.norm(bank, axis=-1), 1.0, rtol=1e-5)
