@@ -96,3 +96,30 @@ def update_memory_bank(memory, index, embeddings, *, momentum: float):
 def init_memory_bank(key, num_views: int, num_data: int, dim: int) -> jax.Array:
     """A bank of random unit vectors (M, N, d), as CRD initialises it."""
     return _unit(jax.random.normal(key, (num_views, num_data, dim)))
+
+
+def mcl_okd_objective(
+    logits, labels, embeddings, memory, index, negative_index, *,
+    kd_temperature: float = 3.0, beta: float = 0.025, temperature: float = 0.1, num_data: int,
+):  # fmt: skip
+    r"""MCL-OKD's training objective (Eq. 12) over M peers; the last peer is the leader.
+
+        L = sum_m CE(p_m, y)                                         (Eqs. 1-2)
+          + T^2 KL( softmax(mean_m f_m / T) || softmax(f_M / T) )    (Eqs. 3-5)
+          + beta * sum_{a<b} [L(a->b) + L(b->a)]                     (Eqs. 6-11, full graph)
+
+    ``logits`` (M, B, C), ``labels`` (B,), ``embeddings`` (M, B, d), ``memory`` (M, N, d),
+    ``index`` (B,) the samples' dataset indices, ``negative_index`` (M, M, B, S). The online
+    teacher (the ensemble of Eq. 4) is a target: no gradient flows through it, so only the
+    leader learns from it, as the paper intends. Returns ``(total, {term: value})``.
+    """
+    from cka_jax import losses  # the shared CE and soft-target KL
+
+    ce = sum(losses.cross_entropy(logits[m], labels) for m in range(logits.shape[0]))
+    ensemble = lax.stop_gradient(jnp.mean(jnp.asarray(logits, jnp.float32), axis=0))
+    kl = losses.soft_target_kl(logits[-1], ensemble, temperature=kd_temperature)
+    contrast = multi_view_contrast(
+        embeddings, memory, index, negative_index, temperature=temperature, num_data=num_data
+    )
+    terms = {"ce": ce, "kl": kl, "contrast": contrast}
+    return ce + kl + beta * contrast, terms

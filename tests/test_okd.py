@@ -97,3 +97,56 @@ def test_negatives_are_uniform_indices_of_the_training_set():
     bank = np.asarray(okd.init_memory_bank(jax.random.key(1), 4, 100, 128))
     assert bank.shape == (4, 100, 128)
     np.testing.assert_allclose(np.linalg.norm(bank, axis=-1), 1.0, rtol=1e-5)
+
+
+def reference_objective(logits, labels, emb, memory, idx, neg, t, beta, tau, n):
+    """Eq. 12 from Eqs. 1-5 (float64) and the reference NCE above."""
+    logits = np.float64(logits)
+
+    def log_softmax(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    ce = sum(-np.mean(log_softmax(lg)[np.arange(len(labels)), labels]) for lg in logits)
+    log_e = log_softmax(logits.mean(0) / t)  # Eq. 4: softmax of the mean logits
+    log_l = log_softmax(logits[-1] / t)  # Eq. 3: the leader, the last peer
+    kl = np.mean(np.sum(np.exp(log_e) * (log_e - log_l), -1))  # Eq. 5
+    m = len(logits)
+    contrast = sum(
+        reference_nce(emb[a], memory[c], idx, neg[a, c], tau, n)
+        for a in range(m)
+        for c in range(m)
+        if a != c
+    )
+    return ce + t**2 * kl + beta * contrast
+
+
+def test_mcl_okd_objective_is_eq_12_and_only_the_leader_learns_from_the_ensemble():
+    rng = np.random.default_rng(4)
+    m, n, b, c, s, d = 4, 60, 6, 5, 9, 8
+    logits = rng.normal(size=(m, b, c)).astype(np.float32) * 2
+    labels = rng.integers(0, c, b)
+    emb = rng.normal(size=(m, b, d)).astype(np.float32)
+    memory = rng.normal(size=(m, n, d)).astype(np.float32)
+    idx = rng.permutation(n)[:b]
+    neg = rng.integers(0, n, (m, m, b, s))
+    kwargs = dict(kd_temperature=3.0, beta=0.025, temperature=0.1, num_data=n)
+    total, terms = okd.mcl_okd_objective(logits, labels, emb, memory, idx, neg, **kwargs)
+    want = reference_objective(logits, labels, emb, memory, idx, neg, 3.0, 0.025, 0.1, n)
+    np.testing.assert_allclose(float(total), want, rtol=1e-5)
+    assert set(terms) == {"ce", "kl", "contrast"}
+
+    def objective(lg):
+        return okd.mcl_okd_objective(lg, labels, emb, memory, idx, neg, **kwargs)[0]
+
+    grads = np.asarray(jax.grad(objective)(jnp.asarray(logits)))
+
+    def ce_grad(lg):
+        probs = np.exp(lg) / np.exp(lg).sum(-1, keepdims=True)
+        return (probs - np.eye(c)[labels]) / b
+
+    # A non-leader peer's logits get the gradient of its own cross-entropy only ...
+    for peer in range(m - 1):
+        np.testing.assert_allclose(grads[peer], ce_grad(logits[peer]), rtol=1e-4, atol=1e-6)
+    # ... the leader's also that of the KL to the ensemble.
+    assert np.abs(grads[-1] - ce_grad(logits[-1])).max() > 1e-3

@@ -1,4 +1,5 @@
-"""Models: torchvision-compatible ResNets and the heads the amalgamation methods train."""
+"""Models: torchvision-compatible ResNets, the heads the amalgamation methods train, and
+MCL-OKD's peer networks."""
 
 from cka_jax.models.heads import (
     MLP,
@@ -8,6 +9,7 @@ from cka_jax.models.heads import (
     ResidualBlock,
     SharedExtractor,
 )
+from cka_jax.models.peers import PeerNetworks
 from cka_jax.models.resnet import (
     ARCHITECTURES,
     ResNet,
@@ -22,6 +24,7 @@ __all__ = [
     "Adaption",
     "AmalgamationHeads",
     "ConvDecoder",
+    "PeerNetworks",
     "ResNet",
     "ResidualBlock",
     "SharedExtractor",
