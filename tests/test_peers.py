@@ -10,12 +10,12 @@ from cka_jax.models.peers import PeerNetworks
 
 
 def test_peers_are_independent_resnets_with_linear_embeddings():
-    peers = PeerNetworks("resnet10", 5, num_peers=3, embed_dim=16, width=4, stem="small")
+    single = create_model("resnet10", 5, stem="small", width=4)
+    peers = PeerNetworks(single, num_peers=3, embed_dim=16)
     x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
     variables = init_variables(peers, 0, x.shape)
     logits, embeddings = jax.jit(peers.apply)(variables, x)
     assert logits.shape == (3, 2, 5) and embeddings.shape == (3, 2, 16)
-    single = create_model("resnet10", 5, stem="small", width=4)
     kernels = []
     for m in range(3):
         peer_vars = {k: variables[k][f"peer{m}"] for k in ("params", "batch_stats")}
@@ -31,6 +31,5 @@ def test_peers_are_independent_resnets_with_linear_embeddings():
 
 def test_fewer_than_two_peers_is_an_error():
     with pytest.raises(ValueError, match="at least 2 peers"):
-        init_variables(
-            PeerNetworks("resnet10", 5, num_peers=1, width=4, stem="small"), 0, (1, 8, 8, 3)
-        )
+        peer = create_model("resnet10", 5, stem="small", width=4)
+        init_variables(PeerNetworks(peer, num_peers=1), 0, (1, 8, 8, 3))
