@@ -20,14 +20,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cka_jax import losses
+
 _EPS = 1e-7  # inside the logs of Eq. 11, as CRD's NCE criterion
-_NORM_EPS = 1e-12
 
 
-def _unit(x: jax.Array) -> jax.Array:
-    x = jnp.asarray(x).astype(jnp.float32)
-    sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-    return x / jnp.sqrt(jnp.maximum(sq, _NORM_EPS**2))
+def _unit(x) -> jax.Array:
+    """Rows L2-normalised in float32 (the losses' own normalisation)."""
+    return losses._l2_normalize(losses._f32(x))
 
 
 def sample_negatives(key, batch_size: int, num_negatives: int, num_data: int) -> jax.Array:
@@ -113,8 +113,6 @@ def mcl_okd_objective(
     teacher (the ensemble of Eq. 4) is a target: no gradient flows through it, so only the
     leader learns from it, as the paper intends. Returns ``(total, {term: value})``.
     """
-    from cka_jax import losses  # the shared CE and soft-target KL
-
     ce = sum(losses.cross_entropy(logits[m], labels) for m in range(logits.shape[0]))
     ensemble = lax.stop_gradient(jnp.mean(jnp.asarray(logits, jnp.float32), axis=0))
     kl = losses.soft_target_kl(logits[-1], ensemble, temperature=kd_temperature)
