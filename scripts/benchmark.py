@@ -174,6 +174,49 @@ def prepare(args, devices):
     return runner, runner.put_state(state), runner.put_replicated(teacher_vars), batch
 
 
+class StepTimer:
+    """A prepared step that times one update per `time_one()` call (blocking at its edges),
+    so that two steps can be interleaved in one process.
+
+    With ``aot`` the step is compiled ahead of time first (``compile_s``, ``compiled`` for
+    XLA's cost and memory analysis) and that executable is what runs: one compile, not two.
+    Otherwise the runner's jitted step runs.
+    """
+
+    def __init__(self, args, devices, *, aot: bool = False, warmup: int = 2):
+        import jax
+
+        self.runner, self.state, self.teacher_vars, self.batch = prepare(args, devices)
+        self.step_fn = self.runner.step
+        if aot:
+            t0 = time.perf_counter()
+            self.compiled = self.runner.compile(
+                self.state, self.teacher_vars, self.runner.put_batch(self.batch)
+            )
+            self.compile_s = time.perf_counter() - t0
+            self.step_fn = self._compiled_step
+        for _ in range(warmup):
+            self.time_one()
+        jax.block_until_ready(self.state)
+
+    def _compiled_step(self, state, teacher_vars, device_batch):
+        import jax
+
+        state, metrics = self.compiled(state, teacher_vars, device_batch)
+        if self.runner.parallelism == "pmap":
+            metrics = jax.tree.map(lambda a: a[0], metrics)
+        return state, metrics
+
+    def time_one(self) -> float:
+        import jax
+
+        device_batch = self.runner.put_batch(self.batch)
+        t = time.perf_counter()
+        self.state, self.metrics = self.step_fn(self.state, self.teacher_vars, device_batch)
+        jax.block_until_ready((self.state, self.metrics))
+        return time.perf_counter() - t
+
+
 def main(argv=None):
     args = parse_args(argv)
     _ensure_host_devices(args.devices)
@@ -183,49 +226,22 @@ def main(argv=None):
     devices = jax.devices()[: args.devices]
     if len(devices) < args.devices:
         sys.exit(f"asked for {args.devices} devices, {len(jax.devices())} available")
-    runner, state, teacher_vars, batch = prepare(args, devices)
-    device_batch = runner.put_batch(batch)
+    timer = StepTimer(args, devices, aot=True)
+    cost = timer.compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    memory = timer.compiled.memory_analysis()
     b = args.batch_size
     other = None
     if args.against:
         name, two_views = args.against.removesuffix("+2v"), args.against.endswith("+2v")
         other_args = argparse.Namespace(**{**vars(args), "method": name, "two_views": two_views})
-        other = list(prepare(other_args, devices))
-        for _ in range(2):
-            other[1], _ = other[0].step(other[1], other[2], other[0].put_batch(other[3]))
-        jax.block_until_ready(other[1])
-
-    t0 = time.perf_counter()
-    compiled = runner.compile(state, teacher_vars, device_batch)
-    compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
-    memory = compiled.memory_analysis()
-
-    def run_step(state, device_batch):
-        # The AOT-compiled executable itself: timing it needs no second (jit) compile.
-        state, metrics = compiled(state, teacher_vars, device_batch)
-        if args.parallelism == "pmap":
-            metrics = jax.tree.map(lambda a: a[0], metrics)
-        return state, metrics
-
-    for _ in range(2):  # warm-up
-        state, metrics = run_step(state, device_batch)
-    jax.block_until_ready(state)
+        other = StepTimer(other_args, devices)
     times, other_times = [], []
     for _ in range(args.steps):
-        device_batch = runner.put_batch(batch)
-        t = time.perf_counter()
-        state, metrics = run_step(state, device_batch)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t)
+        times.append(timer.time_one())
         if other is not None:  # interleaved, so both see the same machine state
-            other_batch = other[0].put_batch(other[3])
-            t = time.perf_counter()
-            other[1], other_metrics = other[0].step(other[1], other[2], other_batch)
-            jax.block_until_ready((other[1], other_metrics))
-            other_times.append(time.perf_counter() - t)
+            other_times.append(other.time_one())
     step_s = float(np.median(times))
     peak, peak_source = peak_flops_per_s(devices[0])
     device_stats = devices[0].memory_stats() or {}  # None on CPU
@@ -235,7 +251,7 @@ def main(argv=None):
         "config": vars(args),
         "device": f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})",
         "jax": jax.__version__,
-        "compile_s": round(compile_s, 2),
+        "compile_s": round(timer.compile_s, 2),
         "step_s_median": step_s,
         "step_s_min": float(np.min(times)),
         "images_per_s": b / step_s,
@@ -255,7 +271,7 @@ def main(argv=None):
             else None
         ),
         "process_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "loss": float(metrics["loss"]),
+        "loss": float(timer.metrics["loss"]),
     }
     if other is not None:
         result["against"] = {
@@ -265,7 +281,7 @@ def main(argv=None):
         }
         result["over_against_time"] = step_s / result["against"]["step_s_median"]
     if args.profile:
-        result["profile"] = profile_steps(runner, state, teacher_vars, batch, args.profile)
+        result["profile"] = profile_steps(timer, args.profile)
     if args.compare_torch:
         result["torch"] = torch_side(args)
         result["jax_over_torch_time"] = step_s / result["torch"]["step_seconds_median"]
@@ -275,9 +291,10 @@ def main(argv=None):
     return result
 
 
-def profile_steps(runner, state, teacher_vars, batch, log_dir, steps=5, top=25) -> dict:
-    """Traces ``steps`` steps with jax.profiler and sums the time of each XLA op (over
-    every thread) from the Perfetto trace; returns the ``top`` ops in ms per step."""
+def profile_steps(timer: StepTimer, log_dir, steps=5, top=25) -> dict:
+    """Traces ``steps`` more steps of ``timer`` with jax.profiler and sums the time of each
+    XLA op (over every thread) from the Perfetto trace; returns the ``top`` ops in ms per
+    step."""
     import collections
     import gzip
 
@@ -285,8 +302,7 @@ def profile_steps(runner, state, teacher_vars, batch, log_dir, steps=5, top=25) 
 
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
         for _ in range(steps):
-            state, metrics = runner.step(state, teacher_vars, runner.put_batch(batch))
-        jax.block_until_ready((state, metrics))
+            timer.time_one()
     trace_file = max(Path(log_dir).rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
     events = json.loads(gzip.decompress(trace_file.read_bytes()))
     events = events["traceEvents"] if isinstance(events, dict) else events

@@ -12,7 +12,6 @@ machine.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,17 +19,6 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 import benchmark  # noqa: E402
-
-
-def ready(args, devices):
-    """Prepared and warmed-up (so traced with the stem as it is now) step for ``args``."""
-    import jax
-
-    runner, state, teacher_vars, batch = benchmark.prepare(args, devices)
-    for _ in range(2):
-        state, _ = runner.step(state, teacher_vars, runner.put_batch(batch))
-    jax.block_until_ready(state)
-    return [runner, state, teacher_vars, batch]
 
 
 def main(argv=None):
@@ -44,7 +32,7 @@ def main(argv=None):
     defaults = ["--teacher=resnet18", "--student=resnet18", "--image_size=64", "--method=kd"]
     args = benchmark.parse_args(defaults + list(argv if argv is not None else sys.argv[1:]))
     devices = jax.devices()[:1]
-    variants = {"slices": ready(args, devices)}
+    variants = {"slices": benchmark.StepTimer(args, devices)}
     # The step traces the stem at its first call: swap the pool, forget the cached step.
     pooled = resnet.max_pool_3x3_s2
     resnet.max_pool_3x3_s2 = lambda x: nn.max_pool(
@@ -52,17 +40,13 @@ def main(argv=None):
     )
     step._step_function.cache_clear()
     try:
-        variants["reduce_window"] = ready(args, devices)
+        variants["reduce_window"] = benchmark.StepTimer(args, devices)
     finally:
         resnet.max_pool_3x3_s2 = pooled
     times = {name: [] for name in variants}
     for _ in range(args.steps):
-        for name, v in variants.items():
-            batch = v[0].put_batch(v[3])
-            t = time.perf_counter()
-            v[1], metrics = v[0].step(v[1], v[2], batch)
-            jax.block_until_ready((v[1], metrics))
-            times[name].append(time.perf_counter() - t)
+        for name, timer in variants.items():
+            times[name].append(timer.time_one())
     median = {name: float(np.median(t)) for name, t in times.items()}
     for name, s in median.items():
         print(f"{name:14s} {s * 1e3:8.1f} ms median over {args.steps} interleaved steps")
