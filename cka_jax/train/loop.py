@@ -174,7 +174,7 @@ def fit(
 
     try:
         for step in range(start, total_steps):
-            batch = runner.put_batch(train_batch(split, batch_size, seed, step, rows), batch_size)
+            batch = runner.put_batch(train_batch(split, batch_size, seed, step, rows))
             state, metrics = runner.step(state, teacher_variables, batch)
             pending.append((step + 1, metrics))
             steps_window += 1

@@ -183,6 +183,11 @@ def _train_step(state: TrainState, teacher_variables, batch, *, spec: StepSpec, 
     return new_state, metrics
 
 
+def _mesh(devices, axis: str) -> Mesh:
+    """The 1-D mesh of ``devices`` that the step's batch axis is sharded over."""
+    return Mesh(np.array(devices), (axis,))
+
+
 @functools.cache
 def _step_function(spec: StepSpec, parallelism: str, devices: tuple):
     """The jitted (or pmapped) step for ``spec``: one per distinct spec, so runs with equal
@@ -197,7 +202,7 @@ def _step_function(spec: StepSpec, parallelism: str, devices: tuple):
     if parallelism == "mesh":
         # The new state and the metrics stay whole on every device, so that every process
         # of a multi-process run can read them.
-        replicated = NamedSharding(Mesh(np.array(devices), (MESH_AXIS,)), P())
+        replicated = NamedSharding(_mesh(devices, MESH_AXIS), P())
         return jax.jit(step, donate_argnums=(0,), out_shardings=replicated)
     return jax.jit(step, donate_argnums=(0,))
 
@@ -218,13 +223,15 @@ class Runner:
             self.devices = self.devices[:1]
         self.parallelism = parallelism
         self.spec = spec
-        n = len(self.devices)
         axis = PMAP_AXIS if parallelism == "pmap" else MESH_AXIS
-        self.mesh = Mesh(np.array(self.devices), (axis,))
+        self.mesh = _mesh(self.devices, axis)
         self.replicated = NamedSharding(self.mesh, P())
         self.sharded = NamedSharding(self.mesh, P(axis))
         self._step = _step_function(spec, parallelism, tuple(self.devices))
-        self.num_devices = n
+        self.num_devices = len(self.devices)
+        # Devices of this process: a process feeds num_local_devices / num_devices of a batch.
+        me = jax.process_index()
+        self.num_local_devices = sum(d.process_index == me for d in self.devices)
 
     def compile(self, state, teacher_variables, batch):
         """The step compiled ahead of time for these (placed) arguments; its
@@ -268,16 +275,19 @@ class Runner:
             raise ValueError("this process's devices do not hold a contiguous block of the batch")
         return slice(starts[0], stops[-1])
 
-    def put_batch(self, batch: dict, batch_size: int | None = None):
-        """Places a batch on the devices. ``batch`` holds this process's rows
-        (`local_rows`) of a global batch of ``batch_size`` (the whole batch for one process)."""
+    def put_batch(self, batch: dict):
+        """Places a batch on the devices. ``batch`` holds this process's rows (`local_rows`)
+        of the global batch: the whole batch for one process."""
         if self.parallelism == "pmap":
             n = self.num_devices
             batch = {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
         if jax.process_count() == 1:
             return jax.device_put(batch, self.sharded)
+        scale = self.num_devices // self.num_local_devices
         return {
-            k: jax.make_array_from_process_local_data(self.sharded, v, (batch_size, *v.shape[1:]))
+            k: jax.make_array_from_process_local_data(
+                self.sharded, v, (v.shape[0] * scale, *v.shape[1:])
+            )
             for k, v in batch.items()
         }
 
