@@ -80,8 +80,21 @@ def base_config() -> ml_collections.ConfigDict:
             cfl_weight=10.0,  # CFL: soft target + 10 * (MMD + reconstruction)
             inter_kind="euclidean",  # Table 3: 'euclidean' | 'cosine' | 'mmd'
             inter_temperature=1.0,
+            # MCL-OKD (the peer methods), its paper's defaults (Sec. 4.1).
+            okd_temperature=3.0,  # T of Eqs. 3-5, ensemble -> leader
+            contrast_weight=0.025,  # beta of Eq. 12
+            nce_temperature=0.1,  # tau of Eq. 6
+            nce_negatives=16384,  # S of Eq. 10, capped by the training-set size
+            # One uniform draw of S negatives per view pair and step, shared by the batch
+            # (a matmul); False draws S per anchor as CRD's code does (a (B, S, d) gather).
+            nce_shared_negatives=True,
+            memory_momentum=0.5,  # of the memory bank's rows (CRD's value)
+            mutual_weight=1.0,  # DML's mutual KL
         )
     )
+    # The peer methods' students: `peers.num_peers` copies of `student` (the last is the
+    # leader, the one deployed), each with a linear `embed_dim` embedding for the contrast.
+    c.peers = ml_collections.ConfigDict(dict(num_peers=4, embed_dim=128))
     c.parallelism = "mesh"  # 'mesh' (jit over a device mesh) | 'pmap' | 'single'
     # Computation dtype of every model and head: 'float32' | 'bfloat16'. Parameters, the
     # optimiser state and every loss reduction stay float32 either way.
@@ -182,6 +195,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{field} must be a positive integer, got {cfg[field]}")
     _check_model(cfg.student, "student")
     _check_model(cfg.teacher, "teacher")
+    if int(cfg.peers.num_peers) < 2 or int(cfg.peers.embed_dim) < 1:
+        raise ValueError(
+            f"config.peers needs num_peers >= 2 and embed_dim >= 1, got {cfg.peers.to_dict()}"
+        )
     for t, override in enumerate(cfg.teachers):
         unknown = set(override) - set(cfg.teacher.keys())
         if unknown:

@@ -37,7 +37,7 @@ from cka_jax.data import (
     union_of_datasets,
 )
 from cka_jax.distributed import barrier, is_primary
-from cka_jax.models import create_model, init_variables
+from cka_jax.models import PeerNetworks, create_model, init_variables
 from cka_jax.train import methods
 from cka_jax.train.loop import fit
 from cka_jax.train.step import StepSpec, build_heads, make_optimizer
@@ -105,7 +105,13 @@ class Scorer:
 @functools.cache
 def _eval_forward(model, aug_cfg):
     preprocess = make_preprocess(aug_cfg)
-    return jax.jit(lambda v, x: model.apply(v, preprocess(x))[0])
+
+    def forward(variables, images):
+        logits = model.apply(variables, preprocess(images))[0]
+        # Peer networks: (M, B, C) -> (B, M, C), batch first like every other output.
+        return jnp.moveaxis(logits, 0, 1) if isinstance(model, PeerNetworks) else logits
+
+    return jax.jit(forward)
 
 
 # --- teachers -----------------------------------------------------------------------------
@@ -241,7 +247,9 @@ def train_teacher(cfg, m, taskset, dataset, t, out_dir: Path):
 # --- amalgamation -------------------------------------------------------------------------
 
 
-def step_spec(cfg, method, loss_cfg, student, teacher_models, optimizer_cfg, total_steps):
+def step_spec(
+    cfg, method, loss_cfg, student, teacher_models, optimizer_cfg, total_steps, num_data=0
+):
     """The `StepSpec` of one training run: the same for teachers, every method and the
     benchmark (scripts/benchmark.py times exactly this step)."""
     return StepSpec(
@@ -253,6 +261,7 @@ def step_spec(cfg, method, loss_cfg, student, teacher_models, optimizer_cfg, tot
         augment=make_augment(cfg.augment),
         view_shape=view_shape(cfg.augment),
         tx=make_optimizer(optimizer_cfg.learning_rate, optimizer_cfg.weight_decay, total_steps),
+        num_data=int(num_data),
     )
 
 
@@ -281,8 +290,42 @@ def init_model(m, num_classes: int, seed: int, aug_cfg, what: str, dtype=jnp.flo
     return model, variables
 
 
+def peer_networks(cfg, peer, student_cfg, seed: int):
+    """MCL-OKD's `PeerNetworks` of ``config.peers.num_peers`` copies of the student ``peer``,
+    initialised from ``seed`` (each peer independently)."""
+    if student_cfg.checkpoint:
+        raise ValueError(
+            f"the peer methods train their peers from scratch, but student.checkpoint="
+            f"{student_cfg.checkpoint!r} is set; clear it for {', '.join(methods.PEER_METHODS)}"
+        )
+    model = PeerNetworks(
+        peer, num_peers=int(cfg.peers.num_peers), embed_dim=int(cfg.peers.embed_dim)
+    )
+    variables = init_variables(model, seed, (1, *view_shape(cfg.augment)))
+    return model, {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+def peer_scores(logits: np.ndarray, labels, taskset) -> dict:
+    """The leader's (the last peer's) accuracies, and under 'ensemble' those of the naive
+    ensemble of all peers (mean logits, MCL-OKD Eq. 4). ``logits`` (N, M, C)."""
+    result = evaluate.accuracies(logits[:, -1], labels, taskset)
+    result["ensemble"] = evaluate.accuracies(logits.mean(axis=1), labels, taskset)
+    return result
+
+
+def report_rows(row: dict) -> list[dict]:
+    """A run's report rows: one, or for peer methods the leader's and the ensemble's."""
+    if "ensemble" not in row:
+        return [row]
+    ensemble = {**row, **row["ensemble"], "method": f"{row['method']}:ensemble"}
+    ensemble["params"] = row["ensemble_params"]
+    del ensemble["ensemble"], ensemble["ensemble_params"]
+    return [row, ensemble]
+
+
 def run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir: Path) -> dict:
-    """Trains one method with one seed (resuming if interrupted); returns its report row."""
+    """Trains one method with one seed (resuming if interrupted); returns its result row
+    (`report_rows` gives the report's rows of it)."""
     run_dir = workdir / "runs" / method_name / f"seed_{seed}"
     result_file = run_dir / "result.json"
     if result_file.exists():
@@ -292,14 +335,23 @@ def run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir: Path
     student, student_vars = init_model(
         student_cfg, taskset.num_classes, seed, cfg.augment, "student", compute_dtype(cfg)
     )
+    deployed, deploy = student, None
+    if method.peers:
+        student, student_vars = peer_networks(cfg, deployed, student_cfg, seed)
+        deploy = student.leader_variables
     teacher_models = tuple(m for m, _ in teachers) if method.uses_teachers else ()
     teacher_vars = [v for _, v in teachers] if method.uses_teachers else []
     total_steps = cfg.epochs * (len(dataset.train) // cfg.batch_size)
-    spec = step_spec(cfg, method, loss_cfg, student, teacher_models, cfg.optimizer, total_steps)
+    spec = step_spec(
+        cfg, method, loss_cfg, student, teacher_models, cfg.optimizer, total_steps,
+        num_data=len(dataset.train),
+    )  # fmt: skip
     scorer = Scorer(student, cfg.augment, cfg.eval_batch_size)
     test = dataset.test
 
     def score(v):
+        if method.peers:
+            return peer_scores(scorer.logits(v, test), test.labels, taskset)
         return evaluate.accuracies(scorer.logits(v, test), test.labels, taskset)
 
     meta = model_meta(
@@ -324,6 +376,7 @@ def run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir: Path
         keep_checkpoints=cfg.keep_checkpoints,
         best_dir=run_dir / "best",
         best_meta=meta,
+        deploy=deploy,
     )
     # The last epoch-end evaluation scored the final student already.
     final = result.history[-1]
@@ -337,6 +390,9 @@ def run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir: Path
         "params": param_count(result.variables),
         "wall_s": round(result.wall_s, 1),
     }
+    if method.peers:
+        row["ensemble"] = final["ensemble"]
+        row["ensemble_params"] = row["params"] * int(cfg.peers.num_peers)
     if is_primary():
         checkpoint.write_json_atomic(result_file, row)
     barrier(f"result {result_file}")
@@ -348,7 +404,8 @@ def export_student(workdir: Path, rows: list[dict]) -> None:
     candidates = [
         r for r in rows
         if r.get("best_merged_acc") is not None
-        and r.get("base_method", r["method"]) != "supervised"
+        and not methods.uses_labels(r.get("base_method", r["method"]))
+        and not r["method"].endswith(":ensemble")
     ]  # fmt: skip
     if not candidates:
         return
@@ -415,7 +472,8 @@ def run(cfg, workdir) -> str:
         row.update(seed=None, params=n)
     for method_name in cfg.methods:
         for seed in cfg.seeds:
-            rows.append(run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir))
+            row = run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir)
+            rows.extend(report_rows(row))
             report.write_report(workdir, rows, taskset.names, title=cfg.name)
     export_student(workdir, rows)
     return report.write_report(workdir, rows, taskset.names, title=cfg.name)

@@ -30,17 +30,19 @@ def _unit(x) -> jax.Array:
     return losses._l2_normalize(losses._f32(x))
 
 
-def sample_negatives(key, batch_size: int, num_negatives: int, num_data: int) -> jax.Array:
-    """Indices (B, S) of S negatives per anchor, uniform over the N training samples
-    (p_n = 1/N of Eq. 10)."""
-    return jax.random.randint(key, (batch_size, num_negatives), 0, num_data)
+def sample_negatives(key, shape, num_data: int) -> jax.Array:
+    """Indices of negatives, uniform over the N training samples (p_n = 1/N of Eq. 10), with
+    replacement: ``shape`` (..., S) shared by a batch, or (..., B, S) one set per anchor."""
+    return jax.random.randint(key, shape, 0, num_data)
 
 
 def nce_contrast(anchors, memory, positive_index, negative_index, *, temperature, num_data):
     r"""NCE approximation of the contrastive loss from view a to view b (MCL-OKD Eqs. 6, 9-11).
 
-    ``anchors`` (B, d): view a's current embeddings; ``memory`` (N, d): view b's memory bank;
-    ``positive_index`` (B,): each anchor's own sample index; ``negative_index`` (B, S).
+    ``anchors`` (B, d): view a's current embeddings; ``memory`` (N, d): view b's memory bank
+    (unit rows); ``positive_index`` (B,): each anchor's own sample index; ``negative_index``
+    (B, S) negatives per anchor, or (S,) one uniform draw shared by the batch (each anchor
+    still has S uniform negatives; one (B, d) x (d, S) product instead of a (B, S, d) gather).
 
         h_ij = exp(cos(a_i, m_j) / tau)                                    (Eq. 6)
         Z_i  = N / (1 + S) * (h_{i,i} + sum_s h_{i,(i,s)})                 (Eq. 9, estimated)
@@ -50,11 +52,16 @@ def nce_contrast(anchors, memory, positive_index, negative_index, *, temperature
     with ``+1e-7`` inside each log. Returns a float32 scalar.
     """
     a = _unit(anchors)
-    b, s = negative_index.shape
-    index = jnp.concatenate([positive_index[:, None], negative_index], axis=1)  # (B, 1 + S)
-    rows = _unit(memory)[index]  # (B, 1 + S, d)
-    cos = jnp.einsum("bd,bkd->bk", a, rows, precision=lax.Precision.HIGHEST)
-    h = jnp.exp(cos / temperature)
+    memory = jnp.asarray(memory)
+    s = negative_index.shape[-1]
+    hi = lax.Precision.HIGHEST
+    cos_pos = jnp.sum(a * _unit(memory[positive_index]), axis=-1, keepdims=True)  # (B, 1)
+    negatives = _unit(memory[negative_index])
+    if negative_index.ndim == 1:
+        cos_neg = jnp.einsum("bd,sd->bs", a, negatives, precision=hi)
+    else:
+        cos_neg = jnp.einsum("bd,bsd->bs", a, negatives, precision=hi)
+    h = jnp.exp(jnp.concatenate([cos_pos, cos_neg], axis=1) / temperature)  # (B, 1 + S)
     # Z_i stops no gradient: it is part of the model's density, as in Eq. 10.
     z = num_data / (1 + s) * jnp.sum(h, axis=1, keepdims=True)
     p_model = h / z
@@ -67,7 +74,7 @@ def nce_contrast(anchors, memory, positive_index, negative_index, *, temperature
 def multi_view_contrast(embeddings, memory, index, negative_index, *, temperature, num_data):
     r"""Full-graph MCL loss over M views: ``sum_{a<b} L(a->b) + L(b->a)`` (Sec. 3, Eq. 12's
     L_contrast). ``embeddings`` (M, B, d) current; ``memory`` (M, N, d);
-    ``negative_index`` (M, M, B, S): the negatives drawn for each ordered pair (a, b)."""
+    ``negative_index`` (M, M, [B,] S): the negatives drawn for each ordered pair (a, b)."""
     m = embeddings.shape[0]
     total = jnp.zeros((), jnp.float32)
     for a in range(m):  # M is a static handful (4): a Python loop over views, not samples
@@ -98,6 +105,41 @@ def init_memory_bank(key, num_views: int, num_data: int, dim: int) -> jax.Array:
     return _unit(jax.random.normal(key, (num_views, num_data, dim)))
 
 
+def peer_cross_entropy(logits, labels) -> jax.Array:
+    r"""Every peer learns from the labels (Eqs. 1-2): ``sum_m CE(softmax(f_m), y)``.
+    ``logits`` (M, B, C), ``labels`` (B,)."""
+    return sum(losses.cross_entropy(logits[m], labels) for m in range(logits.shape[0]))
+
+
+def ensemble_to_leader_kl(logits, *, temperature: float) -> jax.Array:
+    r"""The online teacher distils into the leader only (Eqs. 3-5):
+
+        T^2 KL( softmax(mean_m f_m / T) || softmax(f_M / T) )
+
+    The naive ensemble of Eq. 4 (mean of the M peers' logits) is a target: no gradient flows
+    through it, so the other peers do not learn from it (the paper's remedy for the
+    homogenisation ONE suffers from). ``logits`` (M, B, C); the last peer is the leader."""
+    ensemble = lax.stop_gradient(jnp.mean(jnp.asarray(logits, jnp.float32), axis=0))
+    return losses.soft_target_kl(logits[-1], ensemble, temperature=temperature)
+
+
+def mutual_kl(logits, *, temperature: float = 1.0) -> jax.Array:
+    r"""Deep Mutual Learning (Zhang et al. 2018, MCL-OKD's [30]): every peer matches each
+    other peer's (detached) prediction,
+
+        sum_m 1/(M-1) sum_{n != m} T^2 KL( softmax(f_n / T) || softmax(f_m / T) ).
+
+    ``logits`` (M, B, C)."""
+    m = logits.shape[0]
+    targets = lax.stop_gradient(logits)
+    return sum(
+        losses.soft_target_kl(logits[i], targets[j], temperature=temperature) / (m - 1)
+        for i in range(m)  # M is a static handful: a loop over peers, not samples
+        for j in range(m)
+        if i != j
+    )
+
+
 def mcl_okd_objective(
     logits, labels, embeddings, memory, index, negative_index, *,
     kd_temperature: float = 3.0, beta: float = 0.025, temperature: float = 0.1, num_data: int,
@@ -106,16 +148,15 @@ def mcl_okd_objective(
 
         L = sum_m CE(p_m, y)                                         (Eqs. 1-2)
           + T^2 KL( softmax(mean_m f_m / T) || softmax(f_M / T) )    (Eqs. 3-5)
-          + beta * sum_{a<b} [L(a->b) + L(b->a)]                     (Eqs. 6-11, full graph)
+          + beta * sum_{a != b} L(a->b)                              (Eqs. 6-11, full graph)
 
     ``logits`` (M, B, C), ``labels`` (B,), ``embeddings`` (M, B, d), ``memory`` (M, N, d),
-    ``index`` (B,) the samples' dataset indices, ``negative_index`` (M, M, B, S). The online
-    teacher (the ensemble of Eq. 4) is a target: no gradient flows through it, so only the
-    leader learns from it, as the paper intends. Returns ``(total, {term: value})``.
+    ``index`` (B,) the samples' dataset indices, ``negative_index`` (M, M, [B,] S). The train
+    step composes the same three terms by name (`cka_jax.train.methods`, method 'mcl_okd').
+    Returns ``(total, {term: value})``.
     """
-    ce = sum(losses.cross_entropy(logits[m], labels) for m in range(logits.shape[0]))
-    ensemble = lax.stop_gradient(jnp.mean(jnp.asarray(logits, jnp.float32), axis=0))
-    kl = losses.soft_target_kl(logits[-1], ensemble, temperature=kd_temperature)
+    ce = peer_cross_entropy(logits, labels)
+    kl = ensemble_to_leader_kl(logits, temperature=kd_temperature)
     contrast = multi_view_contrast(
         embeddings, memory, index, negative_index, temperature=temperature, num_data=num_data
     )

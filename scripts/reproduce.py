@@ -36,7 +36,7 @@ from configs import study  # noqa: E402
 
 SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 # Longest first, so the last runs of a parallel study overlap.
-ORDER = ("hard", "hetero", "base", "teachers4", "teachers3")
+ORDER = ("okd", "hard", "hetero", "base", "teachers4", "teachers3")
 
 
 def study_arg(experiment: str, dataset: str) -> str:

@@ -89,9 +89,10 @@ def paired_delta(rows: list[dict], method: str, reference: str = "kd"):
     return float(np.mean(diffs)), float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0
 
 
-def table(summary: dict, names, *, titles=None, rows=None) -> str:
+def table(summary: dict, names, *, titles=None, rows=None, reference="kd") -> str:
     task_names = list(summary[names[0]]["task_acc_mean"])
-    header = ["Method", "Params", "Merged", *(["Δ vs KD (paired)"] if rows else []), *task_names]
+    delta = f"Δ vs {label(reference)} (paired)"
+    header = ["Method", "Params", "Merged", *([delta] if rows else []), *task_names]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, name in enumerate(names):
         s = summary[name]
@@ -99,17 +100,33 @@ def table(summary: dict, names, *, titles=None, rows=None) -> str:
         cells = [titles[i] if titles else label(name), report.params_text(s["params"])]
         cells.append(report.cell(s["merged_acc_mean"], s["merged_acc_std"], n))
         if rows:
-            mean, std = paired_delta(rows, name)
-            cells.append("-" if mean is None or name == "kd" else f"{mean:+.2f} ± {std:.2f}")
+            mean, std = paired_delta(rows, name, reference)
+            cells.append("-" if mean is None or name == reference else f"{mean:+.2f} ± {std:.2f}")
         cells += [report.cell(s["task_acc_mean"][t], s["task_acc_std"][t], n) for t in task_names]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def titled_table(summary: dict, entries, rows) -> str:
+def titled_table(summary: dict, entries, rows, reference="kd") -> str:
     """A table of ``(title, method)`` entries, leaving out methods that did not run."""
     entries = [(title, name) for title, name in entries if name in summary]
-    return table(summary, [n for _, n in entries], titles=[t for t, _ in entries], rows=rows)
+    titles = [t for t, _ in entries]
+    return table(summary, [n for _, n in entries], titles=titles, rows=rows, reference=reference)
+
+
+def okd_table(summary: dict, rows) -> str:
+    """MCL-OKD's comparison: the leader (the deployed peer) and the ensemble of all peers
+    for each peer method, against the same network trained alone (paired by seed)."""
+    entries = [("Network trained alone (supervised)", "supervised")]
+    for name, title in (
+        ("independent", "4 independent peers"),
+        ("dml", "DML (mutual KL)"),
+        ("mcl_okd", "MCL-OKD"),
+        ("mcl_okd_kd", "MCL-OKD + KD from the teachers"),
+    ):
+        entries += [(f"{title}: leader", name), (f"{title}: ensemble", f"{name}:ensemble")]
+    entries += [(f"Teacher {t + 1}", f"teacher:task{t}") for t in range(2)]
+    return titled_table(summary, entries, rows, reference="supervised")
 
 
 def table3(summary: dict, rows) -> str:
@@ -303,15 +320,25 @@ def machine() -> dict:
 def write(workdir, out, *, experiments, seeds, runs, study_wall_s, command, dataset=""):
     out.mkdir(parents=True, exist_ok=True)
     previous = out / "study.json"
-    if not runs and previous.exists():  # --report_only keeps the measured wall times
+    commands = [{"command": command, "wall_s": round(study_wall_s, 1)}]
+    ran = [r for r in runs if r.get("wall_s")]
+    if previous.exists():
+        # Runs not repeated by this command keep the wall times measured when they ran.
         old = json.loads(previous.read_text())
-        runs, study_wall_s, command = old["runs"], old["study_wall_s"], old["command"]
+        old_commands = old.get("commands") or [
+            {"command": old["command"], "wall_s": old["study_wall_s"]}
+        ]
+        redone = {(r["experiment"], r["seed"]) for r in ran}
+        runs = [r for r in old["runs"] if (r["experiment"], r["seed"]) not in redone] + ran
+        commands = old_commands + (commands if ran else [])
+        experiments = list(dict.fromkeys([*experiments, *old["rows"]]))
     rows = {e: load_rows(workdir, e, seeds) for e in experiments}
     summaries = {e: report.summarize(r) for e, r in rows.items() if r}
     suffix = f",{dataset}" if dataset else ""
+    ran_by = "; ".join(f"`{c['command']}` ({c['wall_s'] / 60:.1f} min)" for c in commands)
     sections = [
-        f"Command: `{command}` ({study_wall_s / 60:.1f} min wall in all). Seeds {seeds}; "
-        "accuracy in % on the union test set, mean ± sample std over seeds."
+        f"Commands: {ran_by}. Seeds {seeds}; accuracy in % on the union test set, "
+        "mean ± sample std over seeds."
     ]
     for exp in ("base", "hard"):
         if exp in summaries:
@@ -329,6 +356,11 @@ def write(workdir, out, *, experiments, seeds, runs, study_wall_s, command, data
             "## Table 4 analogue: heterogeneous teachers, students of three sizes (`hetero`)"
             "\n\n" + table4(summaries["hetero"], cfg, rows["hetero"])
         )
+    if "okd" in summaries:
+        sections.append(
+            "## MCL-OKD: online distillation among 4 peers (`okd`, 100 labelled digits per "
+            "class)\n\n" + okd_table(summaries["okd"], rows["okd"])
+        )
     counts = {2: "hard", 3: "teachers3", 4: "teachers4"}
     more = {n: summaries[e] for n, e in counts.items() if e in summaries}
     if len(more) > 1:
@@ -342,8 +374,7 @@ def write(workdir, out, *, experiments, seeds, runs, study_wall_s, command, data
         sections.append("## Wall time per run\n\n" + "\n".join(lines))
     (out / "tables.md").write_text("\n\n".join(sections) + "\n")
     study_json = {
-        "command": command,
-        "study_wall_s": round(study_wall_s, 1),
+        "commands": commands,
         "seeds": list(seeds),
         "machine": machine(),
         "runs": runs,

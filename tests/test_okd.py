@@ -90,7 +90,7 @@ def test_memory_bank_update_is_the_normalised_momentum_mix_of_the_batch_rows():
 
 
 def test_negatives_are_uniform_indices_of_the_training_set():
-    neg = np.asarray(okd.sample_negatives(jax.random.key(0), 64, 256, 10))
+    neg = np.asarray(okd.sample_negatives(jax.random.key(0), (64, 256), 10))
     assert neg.shape == (64, 256) and neg.min() == 0 and neg.max() == 9
     counts = np.bincount(neg.ravel(), minlength=10) / neg.size
     np.testing.assert_allclose(counts, 0.1, atol=0.01)

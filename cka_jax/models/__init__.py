@@ -9,7 +9,7 @@ from cka_jax.models.heads import (
     ResidualBlock,
     SharedExtractor,
 )
-from cka_jax.models.peers import PeerNetworks
+from cka_jax.models.peers import PeerNetworks, with_bn_axis_name
 from cka_jax.models.resnet import (
     ARCHITECTURES,
     ResNet,
@@ -31,4 +31,5 @@ __all__ = [
     "create_model",
     "feature_channels",
     "init_variables",
+    "with_bn_axis_name",
 ]

@@ -34,3 +34,15 @@ class PeerNetworks(nn.Module):
             logits.append(peer_logits)
             embeddings.append(embed.astype(jnp.float32))
         return jnp.stack(logits), jnp.stack(embeddings)
+
+    def leader_variables(self, variables) -> dict:
+        """The leader's variables, as those of a plain ``peer`` ResNet (what is deployed)."""
+        name = f"peer{self.num_peers - 1}"
+        return {kind: tree[name] for kind, tree in variables.items() if name in tree}
+
+
+def with_bn_axis_name(model, axis_name: str | None):
+    """``model`` (a ResNet or PeerNetworks) with BatchNorm averaging over ``axis_name``."""
+    if isinstance(model, PeerNetworks):
+        return model.clone(peer=model.peer.clone(bn_axis_name=axis_name))
+    return model.clone(bn_axis_name=axis_name)

@@ -106,6 +106,7 @@ def fit(
     keep_checkpoints: int = 3,
     best_dir=None,
     best_meta: dict | None = None,
+    deploy: Callable[[dict], dict] | None = None,
 ) -> FitResult:
     """Trains ``spec.student`` (and heads) on ``split``; resumes from ``run_dir``.
 
@@ -113,7 +114,10 @@ def fit(
       evaluate: student variables -> metrics dict with 'merged_acc' (or 'acc'); run at
         each epoch end. The best student by that accuracy is saved to ``best_dir``.
       checkpoint_every: steps between checkpoints (0 = at each epoch end); always at the end.
+      deploy: trained variables -> the variables of the model that is kept (MCL-OKD's leader
+        of its peers); what ``best_dir`` and the result hold. ``evaluate`` sees them all.
     """
+    deploy = deploy or (lambda variables: variables)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     runner = Runner(spec, parallelism)
@@ -192,7 +196,7 @@ def fit(
                 log.info("[%s] epoch %d eval %s", name, done // steps_per_epoch, result)
                 if best_dir is not None and (meta["best_acc"] is None or acc > meta["best_acc"]):
                     meta["best_acc"] = acc
-                    save_model(best_dir, _student_variables(host_state), best_meta or {})
+                    save_model(best_dir, deploy(_student_variables(host_state)), best_meta or {})
             if done % checkpoint_every == 0 or done == total_steps:
                 flush()
                 checkpoints.save(done, runner.get_state(state), meta)
@@ -202,7 +206,7 @@ def fit(
         checkpoints.close()
     final = runner.get_state(state)
     return FitResult(
-        variables=_student_variables(final),
+        variables=deploy(_student_variables(final)),
         history=meta["history"],
         best_acc=meta["best_acc"],
         wall_s=time.time() - t_start,

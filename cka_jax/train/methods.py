@@ -12,9 +12,13 @@ import dataclasses
 import jax.numpy as jnp
 import ml_collections
 
-from cka_jax import losses
+from cka_jax import losses, okd
 
-TRAINED_METHODS = ("kd", "cfl", "cka", "cka_intra", "cka_inter", "supervised")
+# Amalgamation (label-free) methods and the labelled ones: the supervised reference and
+# MCL-OKD's online distillation among peer networks, with its baselines (`cka_jax.okd`).
+AMALGAMATION_METHODS = ("kd", "cfl", "cka", "cka_intra", "cka_inter")
+PEER_METHODS = ("independent", "dml", "mcl_okd", "mcl_okd_kd")
+TRAINED_METHODS = (*AMALGAMATION_METHODS, "supervised", *PEER_METHODS)
 INTER_KINDS = ("euclidean", "cosine", "mmd")
 
 
@@ -27,10 +31,11 @@ class Method:
     common_space: str | None = None  # None | 'cka' | 'cfl'
     projection: bool = False
     uses_teachers: bool = True
+    peers: bool = False  # the student is `PeerNetworks`; the terms see every peer
 
     def __hash__(self):  # part of the StepSpec that keys the compiled-step cache
         return hash((self.name, tuple(sorted(self.weights.items())), self.common_space,
-                     self.projection, self.uses_teachers))  # fmt: skip
+                     self.projection, self.uses_teachers, self.peers))  # fmt: skip
 
     @property
     def two_views(self) -> bool:
@@ -39,6 +44,16 @@ class Method:
     @property
     def reconstruction(self) -> bool:
         return self.weights.get("recon", 0.0) > 0
+
+    @property
+    def memory_bank(self) -> bool:
+        """Whether the train state carries MCL-OKD's memory bank."""
+        return "contrast" in self.weights
+
+
+def uses_labels(name: str) -> bool:
+    """Whether method ``name`` trains on labels (not an amalgamation of teachers)."""
+    return name not in AMALGAMATION_METHODS
 
 
 def build_method(name: str, loss_cfg: ml_collections.ConfigDict) -> Method:
@@ -61,6 +76,17 @@ def build_method(name: str, loss_cfg: ml_collections.ConfigDict) -> Method:
         return Method(name, weights, common_space="cka", projection="intra" in weights)
     if name == "supervised":
         return Method(name, {"ce": 1.0}, uses_teachers=False)
+    if name in PEER_METHODS:
+        # MCL-OKD Eq. 12, its network-trained-alone-M-times baseline, DML, and MCL-OKD with
+        # a teacher (Table 4): KD from the teachers' union logits to the leader.
+        weights = {"peer_ce": 1.0}
+        if name == "dml":
+            weights["mutual_kl"] = loss_cfg.mutual_weight
+        if name in ("mcl_okd", "mcl_okd_kd"):
+            weights.update(leader_kl=1.0, contrast=loss_cfg.contrast_weight)
+        if name == "mcl_okd_kd":
+            weights["kd"] = 1.0
+        return Method(name, _nonzero(weights), uses_teachers="kd" in weights, peers=True)
     raise ValueError(f"unknown method {name!r}; valid methods are {', '.join(TRAINED_METHODS)}")
 
 
@@ -69,7 +95,9 @@ def _nonzero(weights):
 
 
 # Loss terms. `o` holds global-batch arrays: 'logits', 'features' (student, view 1), 'labels',
-# 'teacher_logits' / 'teacher_features' (lists, task order) and the heads' outputs.
+# 'teacher_logits' / 'teacher_features' (lists, task order) and the heads' outputs. With peer
+# networks, 'logits' is the leader's and 'peer_logits' (M, B, C), 'embeddings' (M, B, d),
+# 'index' (B,), 'memory' (M, N, d) and 'negative_index' (M, M, [B,] S) are there too.
 
 
 def term_ce(o, cfg):
@@ -105,8 +133,31 @@ def term_recon(o, cfg):
     )
 
 
+def term_peer_ce(o, cfg):
+    return okd.peer_cross_entropy(o["peer_logits"], o["labels"])
+
+
+def term_leader_kl(o, cfg):
+    return okd.ensemble_to_leader_kl(o["peer_logits"], temperature=cfg.okd_temperature)
+
+
+def term_mutual_kl(o, cfg):
+    return okd.mutual_kl(o["peer_logits"])
+
+
+def term_contrast(o, cfg):
+    return okd.multi_view_contrast(
+        o["embeddings"], o["memory"], o["index"], o["negative_index"],
+        temperature=cfg.nce_temperature, num_data=o["memory"].shape[1],
+    )  # fmt: skip
+
+
 LOSS_TERMS = {
     "ce": term_ce,
+    "peer_ce": term_peer_ce,
+    "leader_kl": term_leader_kl,
+    "mutual_kl": term_mutual_kl,
+    "contrast": term_contrast,
     "kd": term_kd,
     "intra": term_intra,
     "inter": term_inter,

@@ -7,7 +7,12 @@
 3. runs the student in train mode on view 1 (and view 2 when the method contrasts views);
 4. runs the method's heads, gathers every output to the global batch, and sums the method's
    weighted loss terms (`cka_jax.train.methods`);
-5. applies one optimiser update to the student and heads.
+5. applies one optimiser update to the student and heads, and (MCL-OKD) the momentum update
+   of the memory bank's rows of this batch.
+
+With `PeerNetworks` as the student (MCL-OKD and its baselines) the peers all see view 1; the
+terms get every peer's logits and embeddings, the leader's logits as 'logits', and the memory
+bank with negatives drawn from the step's key (the same draw on every device).
 
 Parallel forms: 'single' (jit), 'mesh' (jit with the batch sharded over a 'data' mesh axis;
 XLA inserts the collectives) and 'pmap' (explicit all_gather of the outputs, pmean of the
@@ -30,12 +35,21 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cka_jax.models import AmalgamationHeads, ResNet, feature_channels
+from cka_jax import okd
+from cka_jax.models import (
+    AmalgamationHeads,
+    PeerNetworks,
+    ResNet,
+    feature_channels,
+    with_bn_axis_name,
+)
 from cka_jax.train.methods import Method, total_loss
 
 PMAP_AXIS = "batch"
 MESH_AXIS = "data"
 PARALLELISM = ("mesh", "pmap", "single")
+PEER_MAJOR_OUTPUTS = ("peer_logits", "embeddings")  # (M, B, ...): the batch is axis 1
+NEGATIVES_STREAM = 3  # folded into the step key for MCL-OKD's negatives (views use 1, 2)
 
 
 @flax.struct.dataclass
@@ -45,13 +59,14 @@ class TrainState:
     batch_stats: Any  # the student's BatchNorm running statistics
     opt_state: Any
     rng: jax.Array  # uint32 PRNGKey data: the base of every augmentation key
+    memory: Any  # MCL-OKD's memory bank (M, N, d) of unit embeddings; {} for other methods
 
 
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
     """Everything static the step is built from."""
 
-    student: ResNet
+    student: ResNet | PeerNetworks
     teachers: tuple[ResNet, ...]
     heads: AmalgamationHeads | None
     method: Method
@@ -59,6 +74,7 @@ class StepSpec:
     augment: Callable  # (per-sample keys (B,), uint8 images) -> float views
     view_shape: tuple[int, int, int]  # (H, W, C) of one augmented view
     tx: optax.GradientTransformation
+    num_data: int = 0  # training-set size: the rows of MCL-OKD's memory bank
 
 
 @functools.cache  # equal settings -> the same object, so equal StepSpecs hash equal
@@ -92,12 +108,25 @@ def create_train_state(spec: StepSpec, student_variables, teacher_variables, rng
     if spec.heads is not None:
         heads_rng = jax.random.fold_in(rng, 1)
         params["heads"] = _heads_init(spec)(heads_rng, student_variables, teacher_variables)
+    memory = {}
+    if spec.method.memory_bank:
+        if spec.num_data < 1:
+            raise ValueError(
+                f"method {spec.method.name!r} needs StepSpec.num_data (its memory bank)"
+            )
+        memory = okd.init_memory_bank(
+            jax.random.fold_in(rng, 3),
+            spec.student.num_peers,
+            spec.num_data,
+            spec.student.embed_dim,
+        )
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=student_variables.get("batch_stats", {}),
         opt_state=_jitted(spec.tx.init)(params),
         rng=jnp.asarray(jax.random.key_data(jax.random.fold_in(rng, 2)), jnp.uint32),
+        memory=memory,
     )
 
 
@@ -141,7 +170,12 @@ def _loss_fn(params, state, teacher_variables, batch, spec: StepSpec, axis_name)
         mutable=["batch_stats"],
     )
     b = view1.shape[0]
-    outputs = {"logits": logits[:b], "features": features[:b], "labels": batch.get("label")}
+    if method.peers:
+        # (M, B, C) logits and (M, B, d) embeddings of the peers; the last is the leader.
+        outputs = {"logits": logits[-1], "peer_logits": logits, "embeddings": features}
+        outputs.update(labels=batch.get("label"), index=batch["index"])
+    else:
+        outputs = {"logits": logits[:b], "features": features[:b], "labels": batch.get("label")}
     if method.uses_teachers:
         teacher_out = [
             jax.lax.stop_gradient(t.apply(v, view1, train=False))
@@ -160,14 +194,38 @@ def _loss_fn(params, state, teacher_variables, batch, spec: StepSpec, axis_name)
         )
     if axis_name is not None:
         # Batch-wide losses must see the global batch, as on one device.
-        outputs = jax.tree.map(lambda a: jax.lax.all_gather(a, axis_name, tiled=True), outputs)
+        outputs = {
+            key: jax.tree.map(
+                lambda a, axis=int(key in PEER_MAJOR_OUTPUTS): jax.lax.all_gather(
+                    a, axis_name, axis=axis, tiled=True
+                ),
+                value,
+            )
+            for key, value in outputs.items()
+        }
+    if method.memory_bank:
+        outputs["memory"] = state.memory
+        outputs["negative_index"] = _negatives(state, outputs["index"].shape[0], spec)
     total, terms = total_loss(method, outputs, spec.loss_cfg)
-    return total, (terms, updates["batch_stats"])
+    bank_rows = (outputs["index"], outputs["embeddings"]) if method.memory_bank else None
+    return total, (terms, updates["batch_stats"], bank_rows)
+
+
+def _negatives(state: TrainState, batch_size: int, spec: StepSpec):
+    """MCL-OKD's negatives for every ordered view pair, from the step's own key: (M, M, S)
+    shared by the batch, or (M, M, B, S). S = ``loss.nce_negatives`` capped by N."""
+    cfg, m = spec.loss_cfg, spec.student.num_peers
+    s = min(int(cfg.nce_negatives), spec.num_data)
+    shape = (m, m, s) if cfg.nce_shared_negatives else (m, m, batch_size, s)
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    return okd.sample_negatives(
+        jax.random.fold_in(step_key, NEGATIVES_STREAM), shape, spec.num_data
+    )
 
 
 def _train_step(state: TrainState, teacher_variables, batch, *, spec: StepSpec, axis_name=None):
     grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
-    (total, (terms, batch_stats)), grads = grad_fn(
+    (total, (terms, batch_stats, bank_rows)), grads = grad_fn(
         state.params, state, teacher_variables, batch, spec, axis_name
     )
     if axis_name is not None:
@@ -177,8 +235,19 @@ def _train_step(state: TrainState, teacher_variables, batch, *, spec: StepSpec, 
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": total, **{f"loss/{k}": v for k, v in terms.items()}}
     metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads)))
+    memory = state.memory
+    if bank_rows is not None:
+        # From the global batch's rows (gathered under pmap), so every device's bank agrees.
+        index, embeddings = bank_rows
+        memory = okd.update_memory_bank(
+            memory, index, embeddings, momentum=spec.loss_cfg.memory_momentum
+        )
     new_state = state.replace(
-        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        step=state.step + 1,
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+        memory=memory,
     )
     return new_state, metrics
 
@@ -193,7 +262,7 @@ def _step_function(spec: StepSpec, parallelism: str, devices: tuple):
     """The jitted (or pmapped) step for ``spec``: one per distinct spec, so runs with equal
     specs in one process (seeds, tests) share XLA's compiled programs."""
     if parallelism == "pmap":
-        pmap_spec = dataclasses.replace(spec, student=spec.student.clone(bn_axis_name=PMAP_AXIS))
+        pmap_spec = dataclasses.replace(spec, student=with_bn_axis_name(spec.student, PMAP_AXIS))
         step = lambda s, t, b: _train_step(s, t, b, spec=pmap_spec, axis_name=PMAP_AXIS)
         return jax.pmap(
             step, axis_name=PMAP_AXIS, in_axes=(0, None, 0), donate_argnums=(0,), devices=devices
