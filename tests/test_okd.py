@@ -40,6 +40,41 @@ def test_nce_contrast_matches_eqs_9_to_11(tau, s):
     np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
 
+def test_nce_contrast_with_negatives_shared_by_the_batch_is_eq_11_for_each_anchor():
+    rng = np.random.default_rng(4)
+    n, b, s, d = 60, 5, 9, 8
+    anchors = rng.normal(size=(b, d)).astype(np.float32)
+    memory = rng.normal(size=(n, d)).astype(np.float32)
+    pos = rng.permutation(n)[:b]
+    shared = rng.integers(0, n, (s,))
+    got = okd.nce_contrast(anchors, memory, pos, shared, temperature=0.1, num_data=n)
+    want = reference_nce(anchors, memory, pos, np.tile(shared, (b, 1)), 0.1, n)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_mutual_kl_is_dml_from_each_peer_to_every_other():
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(3, 6, 4)).astype(np.float32)
+    p = np.exp(np.float64(logits)) / np.exp(np.float64(logits)).sum(-1, keepdims=True)
+    want = sum(
+        np.mean(np.sum(p[j] * (np.log(p[j]) - np.log(p[i])), -1)) / 2
+        for i in range(3)
+        for j in range(3)
+        if i != j
+    )
+    np.testing.assert_allclose(float(okd.mutual_kl(logits)), want, rtol=1e-5)
+    # Each peer learns from the others' predictions as fixed targets.
+    grad = jax.grad(lambda z: okd.mutual_kl(z))(jnp.asarray(logits))
+
+    def kl_to_fixed_targets(z, targets):
+        return sum(okd.losses.soft_target_kl(z, t, temperature=1.0) for t in targets) / 2
+
+    for i in range(3):
+        targets = np.delete(logits, i, axis=0)
+        own = jax.grad(kl_to_fixed_targets)(jnp.asarray(logits[i]), targets)
+        np.testing.assert_allclose(grad[i], own, rtol=1e-5, atol=1e-7)
+
+
 def test_nce_contrast_is_lower_for_anchors_on_their_positives():
     rng = np.random.default_rng(1)
     n, b, s = 200, 8, 32

@@ -7,13 +7,14 @@ import numpy as np
 import optax
 import pytest
 
-from cka_jax.models import ResNet, init_variables
+from cka_jax.models import PeerNetworks, ResNet, init_variables
 from cka_jax.models.resnet import BasicBlock
 from cka_jax.train import methods
 from cka_jax.train.step import Runner, StepSpec, build_heads, create_train_state
 
 BATCH = 8
 SHAPE = (8, 8, 3)
+NUM_DATA = 100  # training-set size (MCL-OKD's memory bank rows)
 
 
 def loss_config(**overrides):
@@ -29,6 +30,13 @@ def loss_config(**overrides):
             cfl_weight=10.0,
             inter_kind="euclidean",
             inter_temperature=1.0,
+            okd_temperature=3.0,
+            contrast_weight=0.025,
+            nce_temperature=0.1,
+            nce_negatives=16,
+            nce_shared_negatives=True,
+            memory_momentum=0.5,
+            mutual_weight=1.0,
         )
     )
     cfg.update(overrides)
@@ -53,6 +61,8 @@ def build(method_name, **loss_overrides):
     teachers = (tiny_resnet(3, width=4), tiny_resnet(2, width=8))
     teacher_vars = [init_variables(t, 10 + i, (1, *SHAPE)) for i, t in enumerate(teachers)]
     student = tiny_resnet(5, width=4)
+    if method.peers:
+        student = PeerNetworks(student, num_peers=3, embed_dim=8)
     student_vars = init_variables(student, 0, (1, *SHAPE))
     spec = StepSpec(
         student=student,
@@ -65,6 +75,7 @@ def build(method_name, **loss_overrides):
         # Plain SGD: Adam's g/|g| would turn float32 rounding of near-zero gradients into
         # lr-sized parameter differences, hiding what this test compares.
         tx=optax.sgd(0.05),
+        num_data=NUM_DATA,
     )
     if not method.uses_teachers:
         teacher_vars = []
@@ -73,7 +84,7 @@ def build(method_name, **loss_overrides):
     batch = {
         "image": rng.integers(0, 256, (BATCH, *SHAPE), dtype=np.uint8),
         "label": rng.integers(0, 5, (BATCH,)).astype(np.int32),
-        "index": rng.permutation(100)[:BATCH].astype(np.int32),
+        "index": rng.permutation(NUM_DATA)[:BATCH].astype(np.int32),
     }
     return spec, state, teacher_vars, batch
 
@@ -99,8 +110,14 @@ def run_steps(spec, state, teacher_vars, batch, parallelism, steps=2):
 
 @pytest.mark.parametrize(
     "method_name, overrides",
-    # cka holds every term but 'ce' (kd, intra, inter, align, recon).
-    [("cfl", {}), ("cka", {}), ("supervised", {})],
+    # cka holds every term but 'ce' (kd, intra, inter, align, recon); mcl_okd_kd every peer
+    # term but DML's (peer_ce, leader_kl, contrast with its memory bank, kd to the leader).
+    [
+        ("cfl", {}),
+        ("cka", {}),
+        ("supervised", {}),
+        ("mcl_okd_kd", {}),
+    ],
 )
 def test_single_mesh_and_pmap_compute_the_same_step(method_name, overrides):
     assert jax.device_count() == 2, "conftest forces two CPU devices"
@@ -136,6 +153,16 @@ def test_single_mesh_and_pmap_compute_the_same_step(method_name, overrides):
             ref_state.batch_stats,
             got_state.batch_stats,
         )
+        # MCL-OKD's memory bank: the same rows updated the same way (both steps).
+        for ref_s, got_s in zip(ref_states, got_states, strict=True):
+            jax.tree.map(
+                lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                ref_s.memory,
+                got_s.memory,
+            )
+    if spec.method.memory_bank:
+        changed = np.any(np.asarray(ref_state.memory) != np.asarray(state.memory), axis=(0, 2))
+        np.testing.assert_array_equal(np.flatnonzero(changed), np.sort(batch["index"]))
     # The step did something: parameters moved and every loss term is finite.
     moved = jax.tree.map(
         lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(),

@@ -1,0 +1,88 @@
+"""MCL-OKD inside the one train step: the memory bank is updated in the step from the
+peers' embeddings of the batch, the step's loss is Eq. 12, and a run resumes from a
+checkpoint with its memory bank (bit-identical to an uninterrupted run)."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+
+from cka_jax import experiment, okd
+from cka_jax.train import step as train_step
+from tests import tiny_config
+from tests.main_process import final_state
+from tests.test_step_parallel import BATCH, NUM_DATA, build
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_step_updates_the_bank_rows_of_its_batch_and_its_loss_is_eq_12():
+    spec, state, _, batch = build("mcl_okd")
+    runner = train_step.Runner(spec, "single")
+    new_state, metrics = runner.step(runner.put_state(state), [], runner.put_batch(batch))
+    new_state = runner.get_state(new_state)
+
+    # The peers' embeddings of the step's view, recomputed outside the step.
+    keys = train_step.sample_keys(state.rng, state.step, batch["index"], 1)
+    view = spec.augment(keys, batch["image"])
+    variables = {"params": state.params["student"], "batch_stats": state.batch_stats}
+    (logits, embeddings), _ = spec.student.apply(
+        variables, view, train=True, mutable=["batch_stats"]
+    )
+    memory = np.float64(state.memory)
+    want = memory.copy()
+    for v in range(memory.shape[0]):
+        for k, i in enumerate(batch["index"]):
+            mixed = 0.5 * memory[v, i] + 0.5 * unit(np.float64(embeddings[v, k]))
+            want[v, i] = unit(mixed)
+    np.testing.assert_allclose(new_state.memory, want, rtol=1e-4, atol=1e-5)
+
+    negatives = train_step._negatives(state, BATCH, spec)
+    assert negatives.shape == (3, 3, 16)  # (M, M, S) with S = nce_negatives = 16 <= N
+    total, terms = okd.mcl_okd_objective(
+        logits, batch["label"], embeddings, state.memory, batch["index"], negatives,
+        kd_temperature=3.0, beta=0.025, temperature=0.1, num_data=NUM_DATA,
+    )  # fmt: skip
+    np.testing.assert_allclose(metrics["loss"], total, rtol=1e-4)
+    np.testing.assert_allclose(metrics["loss/contrast"], terms["contrast"], rtol=1e-4)
+    # The next step draws other negatives.
+    later = train_step._negatives(new_state, BATCH, spec)
+    assert not np.array_equal(np.asarray(later), np.asarray(negatives))
+
+
+def test_mcl_okd_run_resumes_from_its_checkpoint_with_the_memory_bank(tmp_path):
+    cfg = tiny_config.get_config()
+    cfg.teacher_epochs = 0  # mcl_okd does not use the teachers
+    cfg.epochs = 1  # 10 steps, checkpoints at 6, 8 and 10
+    cfg.peers.num_peers = 2
+    cfg.methods = ("mcl_okd",)
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    experiment.run(cfg, reference)
+    run = "runs/mcl_okd/seed_0"
+    step, ref_state = final_state(reference / run)
+    assert step == 10
+    ref_rows = json.loads((reference / "results.json").read_text())["rows"]
+    assert {r["method"] for r in ref_rows} >= {"mcl_okd", "mcl_okd:ensemble"}
+
+    # The same run stopped after its checkpoint at step 6: later ones and the result gone.
+    shutil.copytree(reference, resumed)
+    for later in ("8", "10"):
+        shutil.rmtree(resumed / run / "checkpoints" / later)
+    (resumed / run / "result.json").unlink()
+    (resumed / "results.json").unlink()
+    step, at_6 = final_state(resumed / run)
+    assert step == 6 and at_6["memory"].shape == (2, 200, 128)
+    fresh = okd.init_memory_bank(jax.random.fold_in(jax.random.key(0), 3), 2, 200, 128)
+    assert not np.allclose(at_6["memory"], fresh), "the checkpoint holds the trained bank"
+
+    experiment.run(cfg, resumed)
+    step, got_state = final_state(resumed / run)
+    assert step == 10
+    jax.tree.map(np.testing.assert_array_equal, ref_state, got_state)
+    got_rows = json.loads((resumed / "results.json").read_text())["rows"]
+    for ref, got in zip(ref_rows, got_rows, strict=True):
+        ref.pop("wall_s", None), got.pop("wall_s", None)
+        assert ref == got
