@@ -94,7 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
     )
     # The peer methods' students: `peers.num_peers` copies of `student` (the last is the
     # leader, the one deployed), each with a linear `embed_dim` embedding for the contrast.
-    c.peers = ml_collections.ConfigDict(dict(num_peers=4, embed_dim=128))
+    # `shared_stages` > 0 makes them branch-based: the stem and that many stages are shared.
+    c.peers = ml_collections.ConfigDict(dict(num_peers=4, embed_dim=128, shared_stages=0))
     c.parallelism = "mesh"  # 'mesh' (jit over a device mesh) | 'pmap' | 'single'
     # Computation dtype of every model and head: 'float32' | 'bfloat16'. Parameters, the
     # optimiser state and every loss reduction stay float32 either way.
@@ -195,9 +196,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{field} must be a positive integer, got {cfg[field]}")
     _check_model(cfg.student, "student")
     _check_model(cfg.teacher, "teacher")
-    if int(cfg.peers.num_peers) < 2 or int(cfg.peers.embed_dim) < 1:
+    stages = len(ARCHITECTURES[cfg.student.arch][0])
+    peers = cfg.peers
+    if peers.num_peers < 2 or peers.embed_dim < 1 or not 0 <= peers.shared_stages < stages:
         raise ValueError(
-            f"config.peers needs num_peers >= 2 and embed_dim >= 1, got {cfg.peers.to_dict()}"
+            f"config.peers needs num_peers >= 2, embed_dim >= 1 and 0 <= shared_stages < "
+            f"{stages} (the student's stages), got {peers.to_dict()}"
         )
     for t, override in enumerate(cfg.teachers):
         unknown = set(override) - set(cfg.teacher.keys())

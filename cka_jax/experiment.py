@@ -291,15 +291,19 @@ def init_model(m, num_classes: int, seed: int, aug_cfg, what: str, dtype=jnp.flo
 
 
 def peer_networks(cfg, peer, student_cfg, seed: int):
-    """MCL-OKD's `PeerNetworks` of ``config.peers.num_peers`` copies of the student ``peer``,
-    initialised from ``seed`` (each peer independently)."""
+    """MCL-OKD's `PeerNetworks` of ``config.peers.num_peers`` copies of the student ``peer``
+    (sharing ``config.peers.shared_stages`` stages), initialised from ``seed`` (each peer
+    independently)."""
     if student_cfg.checkpoint:
         raise ValueError(
             f"the peer methods train their peers from scratch, but student.checkpoint="
             f"{student_cfg.checkpoint!r} is set; clear it for {', '.join(methods.PEER_METHODS)}"
         )
     model = PeerNetworks(
-        peer, num_peers=int(cfg.peers.num_peers), embed_dim=int(cfg.peers.embed_dim)
+        peer,
+        num_peers=int(cfg.peers.num_peers),
+        embed_dim=int(cfg.peers.embed_dim),
+        shared_stages=int(cfg.peers.shared_stages),
     )
     variables = init_variables(model, seed, (1, *view_shape(cfg.augment)))
     return model, {"params": variables["params"], "batch_stats": variables["batch_stats"]}

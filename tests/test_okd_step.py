@@ -8,7 +8,8 @@ import shutil
 import jax
 import numpy as np
 
-from cka_jax import experiment, okd
+from cka_jax import checkpoint, evaluate, experiment, okd
+from cka_jax.models import ResNet
 from cka_jax.train import step as train_step
 from tests import tiny_config
 from tests.main_process import final_state
@@ -58,6 +59,7 @@ def test_mcl_okd_run_resumes_from_its_checkpoint_with_the_memory_bank(tmp_path):
     cfg.teacher_epochs = 0  # mcl_okd does not use the teachers
     cfg.epochs = 1  # 10 steps, checkpoints at 6, 8 and 10
     cfg.peers.num_peers = 2
+    cfg.peers.shared_stages = 2  # branch-based: one trunk, two branches
     cfg.methods = ("mcl_okd",)
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     experiment.run(cfg, reference)
@@ -66,6 +68,13 @@ def test_mcl_okd_run_resumes_from_its_checkpoint_with_the_memory_bank(tmp_path):
     assert step == 10
     ref_rows = json.loads((reference / "results.json").read_text())["rows"]
     assert {r["method"] for r in ref_rows} >= {"mcl_okd", "mcl_okd:ensemble"}
+    # What is kept is the leader alone, as a plain ResNet scoring the reported accuracy.
+    model, leader, _ = checkpoint.load_model(reference / run / "best")
+    taskset, dataset = experiment.prepare_data(cfg)
+    scores = experiment.Scorer(model, cfg.augment, 64).logits(leader, dataset.test)
+    row = next(r for r in ref_rows if r["method"] == "mcl_okd")
+    best = evaluate.accuracies(scores, dataset.test.labels, taskset)["merged_acc"]
+    assert isinstance(model, ResNet) and best == row["best_merged_acc"]
 
     # The same run stopped after its checkpoint at step 6: later ones and the result gone.
     shutil.copytree(reference, resumed)

@@ -33,3 +33,23 @@ def test_fewer_than_two_peers_is_an_error():
     with pytest.raises(ValueError, match="at least 2 peers"):
         peer = create_model("resnet10", 5, stem="small", width=4)
         init_variables(PeerNetworks(peer, num_peers=1), 0, (1, 8, 8, 3))
+
+
+def test_branch_based_peers_share_their_trunk_and_the_leader_is_a_plain_resnet():
+    single = create_model("resnet10", 5, stem="small", width=4)
+    peers = PeerNetworks(single, num_peers=3, embed_dim=16, shared_stages=2)
+    x = np.random.default_rng(1).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    variables = init_variables(peers, 0, x.shape)
+    params = variables["params"]
+    # One stem and stages 1-2 for all peers; each branch holds stages 3-4 and its classifier.
+    assert {"conv1", "bn1", "layer1_0", "layer2_0"} == set(params["shared"])
+    assert {"layer3_0", "layer4_0", "fc"} == set(params["peer0"])
+    logits, embeddings = jax.jit(peers.apply)(variables, x)
+    assert logits.shape == (3, 2, 5) and embeddings.shape == (3, 2, 16)
+    leader = peers.leader_variables(variables)
+    np.testing.assert_allclose(single.apply(leader, x)[0], logits[-1], rtol=1e-5, atol=1e-6)
+    first = {k: {**v["shared"], **v["peer0"]} for k, v in variables.items()}
+    np.testing.assert_allclose(single.apply(first, x)[0], logits[0], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(logits[0], logits[-1])  # branches initialised independently
+    with pytest.raises(ValueError, match="shared_stages=4"):
+        PeerNetworks(single, num_peers=2, shared_stages=4).init(jax.random.key(0), x)

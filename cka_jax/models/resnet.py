@@ -105,6 +105,10 @@ class ResNet(nn.Module):
       bn_axis_name: when set, BatchNorm averages its batch statistics over this mapped axis
         (used by the pmap step, so that it matches one device holding the global batch).
       dtype: computation dtype (parameters stay float32).
+      first_stage, last_stage: run only stages [first_stage, last_stage) (the stem with
+        stage 0): a part of the network with the whole one's parameter names (MCL-OKD's
+        branch-based peers share a trunk). With ``last_stage`` set, ``apply`` returns that
+        stage's feature map alone; from ``first_stage`` > 0, it takes one.
 
     ``apply(variables, x, train=False)`` takes NHWC float images; ``features`` is the last
     stage's feature map (B, h, w, c) before pooling.
@@ -117,6 +121,8 @@ class ResNet(nn.Module):
     stem: str = "imagenet"
     bn_axis_name: str | None = None
     dtype: Any = jnp.float32
+    first_stage: int = 0
+    last_stage: int | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -129,7 +135,9 @@ class ResNet(nn.Module):
             axis_name=self.bn_axis_name if train else None,
         )
         x = x.astype(self.dtype)
-        if self.stem == "imagenet":
+        if self.first_stage > 0:
+            pass  # a branch: ``x`` is the shared trunk's feature map
+        elif self.stem == "imagenet":
             x = conv(self.width, 7, 2, name="conv1", dtype=self.dtype)(x)
             x = nn.relu(norm(name="bn1")(x))
             x = max_pool_3x3_s2(x)
@@ -138,8 +146,9 @@ class ResNet(nn.Module):
             x = nn.relu(norm(name="bn1")(x))
         else:
             raise ValueError(f"unknown stem {self.stem!r}: use 'imagenet' or 'small'")
-        for stage, num_blocks in enumerate(self.stage_sizes):
-            for index in range(num_blocks):
+        last = len(self.stage_sizes) if self.last_stage is None else self.last_stage
+        for stage in range(self.first_stage, last):
+            for index in range(self.stage_sizes[stage]):
                 x = self.block(
                     features=self.width * 2**stage,
                     stride=2 if stage > 0 and index == 0 else 1,
@@ -147,6 +156,8 @@ class ResNet(nn.Module):
                     dtype=self.dtype,
                     name=f"layer{stage + 1}_{index}",
                 )(x)
+        if self.last_stage is not None:
+            return x  # a trunk
         features = x
         pooled = jnp.mean(features, axis=(1, 2))
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(pooled)
