@@ -60,12 +60,14 @@ def base_config() -> ml_collections.ConfigDict:
     # Named variants of a method, usable in `methods` like a method (ablations, student
     # sizes) and sharing this experiment's teachers, e.g.
     #   c.variants = {"cka_cosine": dict(method="cka_inter", loss=dict(inter_kind="cosine")),
-    #                 "cka_w4": dict(method="cka", student=dict(width=4))}
+    #                 "cka_w4": dict(method="cka", student=dict(width=4)),
+    #                 "mcl_okd_branch": dict(method="mcl_okd", peers=dict(shared_stages=3))}
     c.variants = ml_collections.ConfigDict()
     c.seeds = (0,)
     c.epochs = 100
     c.batch_size = 64
     c.eval_batch_size = 256
+    c.eval_every = 1  # epochs between test evaluations (and best-model checks); always the last
     c.optimizer = ml_collections.ConfigDict(dict(learning_rate=5e-4, weight_decay=5e-4))
     c.loss = ml_collections.ConfigDict(
         dict(
@@ -141,8 +143,25 @@ def resolve_method(cfg, name: str):
     return variant.method, loss, student
 
 
+def resolve_peers(cfg, name: str) -> ml_collections.ConfigDict:
+    """``config.peers`` with the overrides of variant ``name`` (e.g. branch-based peers)."""
+    peers = ml_collections.ConfigDict(cfg.peers.to_dict())
+    if name in cfg.variants:
+        peers.update(dict(cfg.variants[name].get("peers", {})))
+    return peers
+
+
+def _check_peers(peers, arch: str, where: str):
+    stages = len(ARCHITECTURES[arch][0])
+    if peers.num_peers < 2 or peers.embed_dim < 1 or not 0 <= peers.shared_stages < stages:
+        raise ValueError(
+            f"{where} needs num_peers >= 2, embed_dim >= 1 and 0 <= shared_stages < "
+            f"{stages} (the student's stages), got {peers.to_dict()}"
+        )
+
+
 def _check_variants(cfg):
-    allowed = {"method": None, "loss": cfg.loss, "student": cfg.student}
+    allowed = {"method": None, "loss": cfg.loss, "student": cfg.student, "peers": cfg.peers}
     for name, variant in cfg.variants.items():
         where = f"config.variants.{name}"
         if name in TRAINED_METHODS:
@@ -165,6 +184,7 @@ def _check_variants(cfg):
         if loss.inter_kind not in INTER_KINDS:
             raise ValueError(f"{where}.loss.inter_kind={loss.inter_kind!r}; valid: {INTER_KINDS}")
         _check_model(student, f"{where}.student")
+        _check_peers(resolve_peers(cfg, name), student.arch, f"{where}.peers")
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
@@ -191,18 +211,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.teacher_data_fraction must lie in (0, 1], got {cfg.teacher_data_fraction}"
         )
-    for field in ("epochs", "teacher_epochs", "batch_size", "eval_batch_size"):
+    for field in ("epochs", "teacher_epochs", "batch_size", "eval_batch_size", "eval_every"):
         if int(cfg[field]) < (0 if field == "teacher_epochs" else 1):
             raise ValueError(f"config.{field} must be a positive integer, got {cfg[field]}")
     _check_model(cfg.student, "student")
     _check_model(cfg.teacher, "teacher")
-    stages = len(ARCHITECTURES[cfg.student.arch][0])
-    peers = cfg.peers
-    if peers.num_peers < 2 or peers.embed_dim < 1 or not 0 <= peers.shared_stages < stages:
-        raise ValueError(
-            f"config.peers needs num_peers >= 2, embed_dim >= 1 and 0 <= shared_stages < "
-            f"{stages} (the student's stages), got {peers.to_dict()}"
-        )
+    _check_peers(cfg.peers, cfg.student.arch, "config.peers")
     for t, override in enumerate(cfg.teachers):
         unknown = set(override) - set(cfg.teacher.keys())
         if unknown:

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from cka_jax import checkpoint, evaluate, report
-from cka_jax.config import resolve_method, validate
+from cka_jax.config import resolve_method, resolve_peers, validate
 from cka_jax.data import (
     augment_with_keys,
     eval_kwargs,
@@ -234,6 +234,7 @@ def train_teacher(cfg, m, taskset, dataset, t, out_dir: Path):
         seed=seed,
         run_dir=out_dir.with_name(name + ".run"),
         evaluate=score,
+        eval_every=cfg.eval_every,
         log_every=cfg.log_every,
         checkpoint_every=cfg.checkpoint_every,
         keep_checkpoints=cfg.keep_checkpoints,
@@ -290,20 +291,21 @@ def init_model(m, num_classes: int, seed: int, aug_cfg, what: str, dtype=jnp.flo
     return model, variables
 
 
-def peer_networks(cfg, peer, student_cfg, seed: int):
+def peer_networks(cfg, method_name: str, peer, student_cfg, seed: int):
     """MCL-OKD's `PeerNetworks` of ``config.peers.num_peers`` copies of the student ``peer``
-    (sharing ``config.peers.shared_stages`` stages), initialised from ``seed`` (each peer
-    independently)."""
+    (sharing ``config.peers.shared_stages`` stages; a variant may change both), initialised
+    from ``seed`` (each peer independently)."""
     if student_cfg.checkpoint:
         raise ValueError(
             f"the peer methods train their peers from scratch, but student.checkpoint="
             f"{student_cfg.checkpoint!r} is set; clear it for {', '.join(methods.PEER_METHODS)}"
         )
+    peers = resolve_peers(cfg, method_name)
     model = PeerNetworks(
         peer,
-        num_peers=int(cfg.peers.num_peers),
-        embed_dim=int(cfg.peers.embed_dim),
-        shared_stages=int(cfg.peers.shared_stages),
+        num_peers=int(peers.num_peers),
+        embed_dim=int(peers.embed_dim),
+        shared_stages=int(peers.shared_stages),
     )
     variables = init_variables(model, seed, (1, *view_shape(cfg.augment)))
     return model, {"params": variables["params"], "batch_stats": variables["batch_stats"]}
@@ -341,7 +343,7 @@ def run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir: Path
     )
     deployed, deploy = student, None
     if method.peers:
-        student, student_vars = peer_networks(cfg, deployed, student_cfg, seed)
+        student, student_vars = peer_networks(cfg, method_name, deployed, student_cfg, seed)
         deploy = student.leader_variables
     teacher_models = tuple(m for m, _ in teachers) if method.uses_teachers else ()
     teacher_vars = [v for _, v in teachers] if method.uses_teachers else []
@@ -375,6 +377,7 @@ def run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir: Path
         seed=seed,
         run_dir=run_dir,
         evaluate=score,
+        eval_every=cfg.eval_every,
         log_every=cfg.log_every,
         checkpoint_every=cfg.checkpoint_every,
         keep_checkpoints=cfg.keep_checkpoints,
@@ -396,7 +399,9 @@ def run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir: Path
     }
     if method.peers:
         row["ensemble"] = final["ensemble"]
-        row["ensemble_params"] = row["params"] * int(cfg.peers.num_peers)
+        # Every peer's network (a shared trunk once), without the embeddings used in training.
+        networks = {k: v for k, v in student_vars["params"].items() if not k.startswith("embed")}
+        row["ensemble_params"] = param_count({"params": networks})
     if is_primary():
         checkpoint.write_json_atomic(result_file, row)
     barrier(f"result {result_file}")

@@ -123,6 +123,8 @@ def okd_table(summary: dict, rows) -> str:
         ("dml", "DML (mutual KL)"),
         ("mcl_okd", "MCL-OKD"),
         ("mcl_okd_kd", "MCL-OKD + KD from the teachers"),
+        ("independent_branch", "Branch-based: 4 independent branches"),
+        ("mcl_okd_branch", "Branch-based: MCL-OKD"),
     ):
         entries += [(f"{title}: leader", name), (f"{title}: ensemble", f"{name}:ensemble")]
     entries += [(f"Teacher {t + 1}", f"teacher:task{t}") for t in range(2)]
@@ -358,7 +360,7 @@ def write(workdir, out, *, experiments, seeds, runs, study_wall_s, command, data
         )
     if "okd" in summaries:
         sections.append(
-            "## MCL-OKD: online distillation among 4 peers (`okd`, 100 labelled digits per "
+            "## MCL-OKD: online distillation among 4 peers (`okd`, 50 labelled digits per "
             "class)\n\n" + okd_table(summaries["okd"], rows["okd"])
         )
     counts = {2: "hard", 3: "teachers3", 4: "teachers4"}

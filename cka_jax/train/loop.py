@@ -107,12 +107,14 @@ def fit(
     best_dir=None,
     best_meta: dict | None = None,
     deploy: Callable[[dict], dict] | None = None,
+    eval_every: int = 1,
 ) -> FitResult:
     """Trains ``spec.student`` (and heads) on ``split``; resumes from ``run_dir``.
 
     Args:
       evaluate: student variables -> metrics dict with 'merged_acc' (or 'acc'); run at
-        each epoch end. The best student by that accuracy is saved to ``best_dir``.
+        every ``eval_every``-th epoch end and the last. The best student by that accuracy is
+        saved to ``best_dir``.
       checkpoint_every: steps between checkpoints (0 = at each epoch end); always at the end.
       deploy: trained variables -> the variables of the model that is kept (MCL-OKD's leader
         of its peers); what ``best_dir`` and the result hold. ``evaluate`` sees them all.
@@ -186,7 +188,12 @@ def fit(
             epoch_end = done % steps_per_epoch == 0
             if len(pending) >= log_every or epoch_end or done == total_steps:
                 flush()
-            if epoch_end and evaluate is not None:
+            epoch = done // steps_per_epoch
+            if (
+                epoch_end
+                and evaluate is not None
+                and (epoch % eval_every == 0 or done == total_steps)
+            ):
                 host_state = runner.get_state(state)
                 result = evaluate(_student_variables(host_state))
                 acc = result.get("merged_acc", result.get("acc"))
