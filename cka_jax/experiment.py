@@ -325,6 +325,7 @@ def report_rows(row: dict) -> list[dict]:
         return [row]
     ensemble = {**row, **row["ensemble"], "method": f"{row['method']}:ensemble"}
     ensemble["params"] = row["ensemble_params"]
+    ensemble["best_merged_acc"] = None  # the best epoch is chosen by the leader
     del ensemble["ensemble"], ensemble["ensemble_params"]
     return [row, ensemble]
 

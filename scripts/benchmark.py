@@ -46,6 +46,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--no_augment", action="store_true")
     p.add_argument(
+        "--num_data",
+        type=int,
+        default=50_000,
+        help="training-set size for the peer methods' memory bank (CIFAR's by default)",
+    )
+    p.add_argument(
         "--two_views",
         action="store_true",
         help="run the second augmented view through the student for every method (kd and "
@@ -146,7 +152,12 @@ def build_step(args):
         model_config(args.student, width=args.width, stem=args.stem),
         args.classes_per_teacher * args.teachers, 0, cfg.augment, "student", dtype,
     )  # fmt: skip
-    spec = experiment.step_spec(cfg, method, cfg.loss, student, teachers, cfg.optimizer, 10_000)
+    if method.peers:  # MCL-OKD and its baselines: config.peers copies of the student
+        student_cfg = model_config(args.student, width=args.width, stem=args.stem)
+        student, student_vars = experiment.peer_networks(cfg, args.method, student, student_cfg, 0)
+    spec = experiment.step_spec(
+        cfg, method, cfg.loss, student, teachers, cfg.optimizer, 10_000, num_data=args.num_data
+    )
     if args.no_augment:
         preprocess = experiment.make_preprocess(cfg.augment)
         spec = dataclasses.replace(spec, augment=lambda keys, images: preprocess(images))

@@ -21,3 +21,22 @@ def tiny_main_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tiny_main_run")
     run_main(workdir, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     return workdir
+
+
+@pytest.fixture(scope="session")
+def all_methods_run(tmp_path_factory):
+    """The tiny main job in this process with every method: ``(config, workdir, table)``.
+    The peer methods run 2 branch-based peers (the cheapest; network-based peers are
+    exercised by the step tests)."""
+    from cka_jax import experiment
+    from cka_jax.train.methods import TRAINED_METHODS
+    from tests import tiny_config
+
+    cfg = tiny_config.get_config()
+    cfg.methods = TRAINED_METHODS
+    cfg.loss.inter_kind = "mmd"
+    cfg.peers.num_peers = 2
+    cfg.peers.shared_stages = 2
+    workdir = tmp_path_factory.mktemp("all_methods")
+    table = experiment.run(cfg, workdir)
+    return cfg, workdir, table

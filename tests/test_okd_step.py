@@ -11,7 +11,6 @@ import numpy as np
 from cka_jax import checkpoint, evaluate, experiment, okd
 from cka_jax.models import ResNet
 from cka_jax.train import step as train_step
-from tests import tiny_config
 from tests.main_process import final_state
 from tests.test_step_parallel import BATCH, NUM_DATA, build
 
@@ -54,20 +53,12 @@ def test_step_updates_the_bank_rows_of_its_batch_and_its_loss_is_eq_12():
     assert not np.array_equal(np.asarray(later), np.asarray(negatives))
 
 
-def test_mcl_okd_run_resumes_from_its_checkpoint_with_the_memory_bank(tmp_path):
-    cfg = tiny_config.get_config()
-    cfg.teacher_epochs = 0  # mcl_okd does not use the teachers
-    cfg.epochs = 1  # 10 steps, checkpoints at 6, 8 and 10
-    cfg.peers.num_peers = 2
-    cfg.peers.shared_stages = 2  # branch-based: one trunk, two branches
-    cfg.methods = ("mcl_okd",)
-    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    experiment.run(cfg, reference)
+def test_mcl_okd_run_resumes_from_its_checkpoint_with_the_memory_bank(all_methods_run, tmp_path):
+    cfg, reference, _ = all_methods_run  # 2 branch-based peers, 20 steps, checkpoints every 2
     run = "runs/mcl_okd/seed_0"
     step, ref_state = final_state(reference / run)
-    assert step == 10
+    assert step == 20
     ref_rows = json.loads((reference / "results.json").read_text())["rows"]
-    assert {r["method"] for r in ref_rows} >= {"mcl_okd", "mcl_okd:ensemble"}
     # What is kept is the leader alone, as a plain ResNet scoring the reported accuracy.
     model, leader, _ = checkpoint.load_model(reference / run / "best")
     taskset, dataset = experiment.prepare_data(cfg)
@@ -75,21 +66,24 @@ def test_mcl_okd_run_resumes_from_its_checkpoint_with_the_memory_bank(tmp_path):
     row = next(r for r in ref_rows if r["method"] == "mcl_okd")
     best = evaluate.accuracies(scores, dataset.test.labels, taskset)["merged_acc"]
     assert isinstance(model, ResNet) and best == row["best_merged_acc"]
+    student_params = sum(np.size(x) for x in jax.tree.leaves(leader["params"]))
+    ensemble = next(r for r in ref_rows if r["method"] == "mcl_okd:ensemble")
+    assert row["params"] == student_params < ensemble["params"] < 2 * student_params  # 1 trunk
 
-    # The same run stopped after its checkpoint at step 6: later ones and the result gone.
+    # The same run stopped after its checkpoint at step 16: later ones and the result gone.
+    resumed = tmp_path / "resumed"
     shutil.copytree(reference, resumed)
-    for later in ("8", "10"):
+    for later in ("18", "20"):
         shutil.rmtree(resumed / run / "checkpoints" / later)
     (resumed / run / "result.json").unlink()
-    (resumed / "results.json").unlink()
-    step, at_6 = final_state(resumed / run)
-    assert step == 6 and at_6["memory"].shape == (2, 200, 128)
+    step, at_16 = final_state(resumed / run)
+    assert step == 16 and at_16["memory"].shape == (2, 200, 128)
     fresh = okd.init_memory_bank(jax.random.fold_in(jax.random.key(0), 3), 2, 200, 128)
-    assert not np.allclose(at_6["memory"], fresh), "the checkpoint holds the trained bank"
+    assert not np.allclose(at_16["memory"], fresh), "the checkpoint holds the trained bank"
 
-    experiment.run(cfg, resumed)
+    experiment.run(cfg, resumed)  # every other run is done: only mcl_okd resumes
     step, got_state = final_state(resumed / run)
-    assert step == 10
+    assert step == 20
     jax.tree.map(np.testing.assert_array_equal, ref_state, got_state)
     got_rows = json.loads((resumed / "results.json").read_text())["rows"]
     for ref, got in zip(ref_rows, got_rows, strict=True):
