@@ -456,6 +456,29 @@ def prepare_workdir(workdir) -> Path:
     return workdir
 
 
+def uses_teachers(cfg) -> bool:
+    """Whether any method of ``cfg.methods`` needs the teachers (the peer methods but
+    mcl_okd_kd, and the supervised reference, train on labels alone)."""
+    for name in cfg.methods:
+        base, loss_cfg, _ = resolve_method(cfg, name)
+        if methods.build_method(base, loss_cfg).uses_teachers:
+            return True
+    return False
+
+
+def teacher_report_rows(cfg, teachers, taskset, dataset) -> list[dict]:
+    """The report's rows for each teacher alone and for their ensemble."""
+    teacher_logits = [
+        Scorer(model, cfg.augment, cfg.eval_batch_size).logits(variables, dataset.test)
+        for model, variables in teachers
+    ]
+    rows = evaluate.teacher_rows(teacher_logits, dataset.test.labels, taskset)
+    counts = [param_count(v) for _, v in teachers]
+    for row, n in zip(rows, [*counts, sum(counts)], strict=True):
+        row.update(seed=None, params=n)
+    return rows
+
+
 def run(cfg, workdir) -> str:
     """Runs the whole experiment; returns the results table (markdown)."""
     validate(cfg)
@@ -470,16 +493,12 @@ def run(cfg, workdir) -> str:
         dataset.name, len(dataset.train), len(dataset.test), taskset.num_classes,
         taskset.num_tasks, list(taskset.sizes),
     )  # fmt: skip
-    teachers = get_teachers(cfg, taskset, dataset, workdir)
-
-    teacher_logits = [
-        Scorer(model, cfg.augment, cfg.eval_batch_size).logits(variables, dataset.test)
-        for model, variables in teachers
-    ]
-    rows = evaluate.teacher_rows(teacher_logits, dataset.test.labels, taskset)
-    counts = [param_count(v) for _, v in teachers]
-    for row, n in zip(rows, [*counts, sum(counts)], strict=True):
-        row.update(seed=None, params=n)
+    rows, teachers = [], []
+    if uses_teachers(cfg):
+        teachers = get_teachers(cfg, taskset, dataset, workdir)
+        rows = teacher_report_rows(cfg, teachers, taskset, dataset)
+    else:
+        log.info("no method in config.methods uses teachers: none trained or loaded")
     for method_name in cfg.methods:
         for seed in cfg.seeds:
             row = run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir)

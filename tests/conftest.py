@@ -6,7 +6,9 @@ jax 0.10 a cached train step aborted the process when its outputs were fetched.)
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+from tests.xla_env import xla_flags  # imports no jax
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(2))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
@@ -19,15 +21,15 @@ def tiny_main_run(tmp_path_factory):
     from tests.main_process import run_main
 
     workdir = tmp_path_factory.mktemp("tiny_main_run")
-    run_main(workdir, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    run_main(workdir, env={**os.environ, "XLA_FLAGS": xla_flags(2)})
     return workdir
 
 
 @pytest.fixture(scope="session")
 def all_methods_run(tmp_path_factory):
     """The tiny main job in this process with every method: ``(config, workdir, table)``.
-    The peer methods run 2 branch-based peers (the cheapest; network-based peers are
-    exercised by the step tests)."""
+    The peer methods run 2 branch-based peers sharing all but the last stage (the cheapest;
+    network-based peers are exercised by the step tests)."""
     from cka_jax import experiment
     from cka_jax.train.methods import TRAINED_METHODS
     from tests import tiny_config
@@ -36,7 +38,7 @@ def all_methods_run(tmp_path_factory):
     cfg.methods = TRAINED_METHODS
     cfg.loss.inter_kind = "mmd"
     cfg.peers.num_peers = 2
-    cfg.peers.shared_stages = 2
+    cfg.peers.shared_stages = 3
     workdir = tmp_path_factory.mktemp("all_methods")
     table = experiment.run(cfg, workdir)
     return cfg, workdir, table

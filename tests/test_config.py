@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cka_jax.config import base_config, resolve_method, validate
+from cka_jax.config import base_config, resolve_method, resolve_peers, validate
 from tests import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,12 +78,45 @@ def test_inter_kind_must_be_a_table3_distance():
         validate(cfg)
 
 
-@pytest.mark.parametrize("name", ["default", "cars_aircraft", "dogs", "cars", "cub", "aircraft"])
+@pytest.mark.parametrize(
+    "name", ["default", "mcl_okd", "cars_aircraft", "dogs", "cars", "cub", "aircraft", "study"]
+)
 def test_shipped_configs_validate(name, monkeypatch):
     import importlib
 
     monkeypatch.syspath_prepend(str(REPO))
-    validate(importlib.import_module(f"configs.{name}").get_config())
+    module = importlib.import_module(f"configs.{name}")
+    for arg in getattr(module, "EXPERIMENTS", [None]):
+        validate(module.get_config() if arg is None else module.get_config(arg))
+
+
+@pytest.mark.parametrize(
+    "peers, message",
+    [
+        (dict(num_peers=1), "num_peers >= 2"),
+        (dict(shared_stages=4), "shared_stages < 4"),
+        (dict(embed_dim=0), "embed_dim >= 1"),
+    ],
+)
+def test_bad_peers_name_the_field_in_the_config_and_in_a_variant(peers, message):
+    cfg = tiny_config.get_config()
+    cfg.peers.update(peers)
+    with pytest.raises(ValueError, match=f"config.peers needs .*{message}"):
+        validate(cfg)
+    cfg = tiny_config.get_config()
+    cfg.variants = {"okd_b": dict(method="mcl_okd", peers=peers)}
+    cfg.methods = ("okd_b",)
+    with pytest.raises(ValueError, match=f"config.variants.okd_b.peers needs .*{message}"):
+        validate(cfg)
+
+
+def test_a_variant_changes_the_peers_of_its_own_runs_only():
+    cfg = tiny_config.get_config()
+    cfg.variants = {"okd_b": dict(method="mcl_okd", peers=dict(shared_stages=3))}
+    validate(cfg)
+    assert resolve_peers(cfg, "okd_b").shared_stages == 3
+    assert resolve_peers(cfg, "okd_b").num_peers == cfg.peers.num_peers
+    assert resolve_peers(cfg, "mcl_okd").shared_stages == 0 == cfg.peers.shared_stages
 
 
 def test_paper_config_without_data_stops_with_the_data_layers_error(tmp_path):

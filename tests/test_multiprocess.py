@@ -11,6 +11,7 @@ import pytest
 
 from cka_jax import distributed
 from tests.main_process import REPO, assert_same_run, main_command
+from tests.xla_env import xla_flags
 
 
 def free_port() -> int:
@@ -28,7 +29,7 @@ def test_two_processes_compute_the_same_run_as_one_process_with_two_devices(
     port = free_port()
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "XLA_FLAGS": xla_flags(1),
         "PYTHONUNBUFFERED": "1",
         "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
         "JAX_NUM_PROCESSES": "2",
