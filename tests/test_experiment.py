@@ -161,3 +161,12 @@ def test_a_method_variant_trains_its_own_student_beside_the_shared_teachers(
     assert {k for k in steps[0] if k.startswith("loss/")} == {"loss/kd"}
     _, _, meta = load_model(tmp_path / "runs" / "kd_wide" / "seed_0" / "best")
     assert meta["width"] == 8 and meta["method"] == "kd_wide"
+
+
+def test_no_teachers_are_trained_when_no_method_uses_them(tmp_path):
+    cfg = tiny_config.get_config()
+    cfg.methods = ("supervised",)
+    experiment.run(cfg, tmp_path)
+    assert not (tmp_path / "teachers").exists()
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["supervised"]
