@@ -12,7 +12,7 @@ import ml_collections
 from cka_jax.data import augment_config, default_source_config
 from cka_jax.distributed import distributed_config
 from cka_jax.models import ARCHITECTURES
-from cka_jax.train.methods import INTER_KINDS, TRAINED_METHODS
+from cka_jax.train.methods import INTER_KINDS, PEER_METHODS, TRAINED_METHODS
 from cka_jax.train.step import PARALLELISM
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -199,6 +199,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             f"({', '.join(cfg.variants.keys()) or 'none defined'}); teacher and ensemble rows "
             "are always reported"
         )
+    for name in cfg.methods:
+        base, _, student = resolve_method(cfg, name)
+        if base in PEER_METHODS and student.checkpoint:
+            raise ValueError(
+                f"method {name!r} trains its peers from scratch, but its student.checkpoint="
+                f"{student.checkpoint!r} is set; clear it for the peer methods"
+            )
     if not cfg.seeds:
         raise ValueError("config.seeds is empty: give at least one integer seed")
     if cfg.parallelism not in PARALLELISM:

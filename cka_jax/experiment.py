@@ -291,15 +291,10 @@ def init_model(m, num_classes: int, seed: int, aug_cfg, what: str, dtype=jnp.flo
     return model, variables
 
 
-def peer_networks(cfg, method_name: str, peer, student_cfg, seed: int):
+def peer_networks(cfg, method_name: str, peer, seed: int):
     """MCL-OKD's `PeerNetworks` of ``config.peers.num_peers`` copies of the student ``peer``
     (sharing ``config.peers.shared_stages`` stages; a variant may change both), initialised
     from ``seed`` (each peer independently)."""
-    if student_cfg.checkpoint:
-        raise ValueError(
-            f"the peer methods train their peers from scratch, but student.checkpoint="
-            f"{student_cfg.checkpoint!r} is set; clear it for {', '.join(methods.PEER_METHODS)}"
-        )
     peers = resolve_peers(cfg, method_name)
     model = PeerNetworks(
         peer,
@@ -344,7 +339,7 @@ def run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir: Path
     )
     deployed, deploy = student, None
     if method.peers:
-        student, student_vars = peer_networks(cfg, method_name, deployed, student_cfg, seed)
+        student, student_vars = peer_networks(cfg, method_name, deployed, seed)
         deploy = student.leader_variables
     teacher_models = tuple(m for m, _ in teachers) if method.uses_teachers else ()
     teacher_vars = [v for _, v in teachers] if method.uses_teachers else []

@@ -153,8 +153,7 @@ def build_step(args):
         args.classes_per_teacher * args.teachers, 0, cfg.augment, "student", dtype,
     )  # fmt: skip
     if method.peers:  # MCL-OKD and its baselines: config.peers copies of the student
-        student_cfg = model_config(args.student, width=args.width, stem=args.stem)
-        student, student_vars = experiment.peer_networks(cfg, args.method, student, student_cfg, 0)
+        student, student_vars = experiment.peer_networks(cfg, args.method, student, 0)
     spec = experiment.step_spec(
         cfg, method, cfg.loss, student, teachers, cfg.optimizer, 10_000, num_data=args.num_data
     )

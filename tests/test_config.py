@@ -110,6 +110,14 @@ def test_bad_peers_name_the_field_in_the_config_and_in_a_variant(peers, message)
         validate(cfg)
 
 
+def test_peer_methods_refuse_a_student_checkpoint():
+    cfg = tiny_config.get_config()
+    cfg.student.checkpoint = "/some/student"
+    cfg.methods = ("kd", "mcl_okd")
+    with pytest.raises(ValueError, match="'mcl_okd' trains its peers from scratch"):
+        validate(cfg)
+
+
 def test_a_variant_changes_the_peers_of_its_own_runs_only():
     cfg = tiny_config.get_config()
     cfg.variants = {"okd_b": dict(method="mcl_okd", peers=dict(shared_stages=3))}

@@ -66,6 +66,10 @@ def test_mcl_okd_run_resumes_from_its_checkpoint_with_the_memory_bank(all_method
     row = next(r for r in ref_rows if r["method"] == "mcl_okd")
     best = evaluate.accuracies(scores, dataset.test.labels, taskset)["merged_acc"]
     assert isinstance(model, ResNet) and best == row["best_merged_acc"]
+    evals = [json.loads(line) for line in (reference / run / "metrics.jsonl").open()]
+    last = [m for m in evals if "eval/merged_acc" in m][-1]
+    ensemble_acc = next(r for r in ref_rows if r["method"] == "mcl_okd:ensemble")["merged_acc"]
+    assert last["eval/ensemble/merged_acc"] == ensemble_acc  # logged beside the leader's
     student_params = sum(np.size(x) for x in jax.tree.leaves(leader["params"]))
     ensemble = next(r for r in ref_rows if r["method"] == "mcl_okd:ensemble")
     assert row["params"] == student_params < ensemble["params"] < 2 * student_params  # 1 trunk

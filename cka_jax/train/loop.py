@@ -83,6 +83,17 @@ class MetricsLog:
             self.tb.close()
 
 
+def _scalars(result: dict, prefix: str) -> dict:
+    """The scalar entries of an evaluation, nested ones (a peer ensemble's) flattened."""
+    out = {}
+    for key, value in result.items():
+        if isinstance(value, dict):
+            out.update(_scalars(value, f"{prefix}{key}/"))
+        elif np.isscalar(value):
+            out[prefix + key] = value
+    return out
+
+
 def _format_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -198,7 +209,7 @@ def fit(
                 result = evaluate(_student_variables(host_state))
                 acc = result.get("merged_acc", result.get("acc"))
                 meta["history"].append({"epoch": done // steps_per_epoch, "step": done, **result})
-                scalars = {f"eval/{k}": v for k, v in result.items() if np.isscalar(v)}
+                scalars = _scalars(result, "eval/")
                 metrics_log.write(done, scalars)
                 log.info("[%s] epoch %d eval %s", name, done // steps_per_epoch, result)
                 if best_dir is not None and (meta["best_acc"] is None or acc > meta["best_acc"]):

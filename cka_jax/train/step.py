@@ -194,21 +194,19 @@ def _loss_fn(params, state, teacher_variables, batch, spec: StepSpec, axis_name)
         )
     if axis_name is not None:
         # Batch-wide losses must see the global batch, as on one device.
-        outputs = {
-            key: jax.tree.map(
-                lambda a, axis=int(key in PEER_MAJOR_OUTPUTS): jax.lax.all_gather(
-                    a, axis_name, axis=axis, tiled=True
-                ),
-                value,
-            )
-            for key, value in outputs.items()
-        }
+        outputs = {key: _gather_batch(key, value, axis_name) for key, value in outputs.items()}
     if method.memory_bank:
         outputs["memory"] = state.memory
         outputs["negative_index"] = _negatives(state, outputs["index"].shape[0], spec)
     total, terms = total_loss(method, outputs, spec.loss_cfg)
     bank_rows = (outputs["index"], outputs["embeddings"]) if method.memory_bank else None
     return total, (terms, updates["batch_stats"], bank_rows)
+
+
+def _gather_batch(key: str, value, axis_name: str):
+    """The global batch of one output (a pytree of arrays) from every device's share."""
+    axis = 1 if key in PEER_MAJOR_OUTPUTS else 0
+    return jax.tree.map(lambda a: jax.lax.all_gather(a, axis_name, axis=axis, tiled=True), value)
 
 
 def _negatives(state: TrainState, batch_size: int, spec: StepSpec):
