@@ -35,7 +35,8 @@ def all_methods_run(tmp_path_factory):
     from tests import tiny_config
 
     cfg = tiny_config.get_config()
-    cfg.methods = TRAINED_METHODS
+    # Every method but `independent`: DML without its mutual term, nothing of its own to test.
+    cfg.methods = tuple(m for m in TRAINED_METHODS if m != "independent")
     cfg.loss.inter_kind = "mmd"
     cfg.peers.num_peers = 2
     cfg.peers.shared_stages = 3

@@ -21,9 +21,3 @@ def test_benchmark_reports_flops_memory_and_an_interleaved_ratio(tmp_path, capsy
     assert both["step_gflops"] > 1.3 * one_view["step_gflops"]
     assert both["against"]["method"] == "kd" and both["against"]["step_s_median"] > 0
     assert both["over_against_time"] == both["step_s_median"] / both["against"]["step_s_median"]
-
-
-def test_benchmark_times_a_peer_method_with_its_memory_bank():
-    benchmark = load_script("benchmark")
-    result = benchmark.main([*TINY, "--method=mcl_okd", "--num_data=100"])
-    assert result["step_s_median"] > 0 and result["xla_memory_mb"]

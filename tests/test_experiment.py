@@ -11,7 +11,7 @@ import numpy as np
 from cka_jax import experiment
 from cka_jax.checkpoint import load_model
 from cka_jax.models import create_model, init_variables
-from cka_jax.train.methods import PEER_METHODS, TRAINED_METHODS
+from cka_jax.train.methods import PEER_METHODS
 from tests import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ def read_metrics(path):
 
 def test_every_method_trains_with_finite_terms_and_falling_loss(all_methods_run):
     cfg, workdir, _ = all_methods_run
-    for method in TRAINED_METHODS:
+    for method in cfg.methods:
         steps = [
             m
             for m in read_metrics(workdir / "runs" / method / "seed_0" / "metrics.jsonl")
@@ -54,7 +54,7 @@ def test_report_has_every_row_in_the_documented_schema(all_methods_run):
     cfg, workdir, table = all_methods_run
     results = json.loads((workdir / "results.json").read_text())
     methods = [r["method"] for r in results["rows"]]
-    trained = [[m, f"{m}:ensemble"] if m in PEER_METHODS else [m] for m in TRAINED_METHODS]
+    trained = [[m, f"{m}:ensemble"] if m in PEER_METHODS else [m] for m in cfg.methods]
     assert methods == ["teacher:task0", "teacher:task1", "ensemble", *sum(trained, [])]
     for row in results["rows"]:
         assert set(row) >= {"method", "seed", "merged_acc", "task_acc", "params"}

@@ -2,6 +2,7 @@
 peers' embeddings of the batch, the step's loss is Eq. 12, and a run resumes from a
 checkpoint with its memory bank (bit-identical to an uninterrupted run)."""
 
+import functools
 import json
 import shutil
 
@@ -29,9 +30,8 @@ def test_step_updates_the_bank_rows_of_its_batch_and_its_loss_is_eq_12():
     keys = train_step.sample_keys(state.rng, state.step, batch["index"], 1)
     view = spec.augment(keys, batch["image"])
     variables = {"params": state.params["student"], "batch_stats": state.batch_stats}
-    (logits, embeddings), _ = spec.student.apply(
-        variables, view, train=True, mutable=["batch_stats"]
-    )
+    apply = jax.jit(functools.partial(spec.student.apply, train=True, mutable=["batch_stats"]))
+    (logits, embeddings), _ = apply(variables, view)
     memory = np.float64(state.memory)
     want = memory.copy()
     for v in range(memory.shape[0]):

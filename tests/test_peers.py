@@ -19,7 +19,7 @@ def test_peers_are_independent_resnets_with_linear_embeddings():
     kernels = []
     for m in range(3):
         peer_vars = {k: variables[k][f"peer{m}"] for k in ("params", "batch_stats")}
-        want_logits, features = single.apply(peer_vars, x)
+        want_logits, features = jax.jit(single.apply)(peer_vars, x)
         np.testing.assert_allclose(logits[m], want_logits, rtol=1e-5, atol=1e-6)
         dense = variables["params"][f"embed{m}"]
         pooled = np.asarray(features).mean(axis=(1, 2))
@@ -47,9 +47,10 @@ def test_branch_based_peers_share_their_trunk_and_the_leader_is_a_plain_resnet()
     logits, embeddings = jax.jit(peers.apply)(variables, x)
     assert logits.shape == (3, 2, 5) and embeddings.shape == (3, 2, 16)
     leader = peers.leader_variables(variables)
-    np.testing.assert_allclose(single.apply(leader, x)[0], logits[-1], rtol=1e-5, atol=1e-6)
+    apply = jax.jit(single.apply)
+    np.testing.assert_allclose(apply(leader, x)[0], logits[-1], rtol=1e-5, atol=1e-6)
     first = {k: {**v["shared"], **v["peer0"]} for k, v in variables.items()}
-    np.testing.assert_allclose(single.apply(first, x)[0], logits[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(apply(first, x)[0], logits[0], rtol=1e-5, atol=1e-6)
     assert not np.allclose(logits[0], logits[-1])  # branches initialised independently
     with pytest.raises(ValueError, match="shared_stages=4"):
         PeerNetworks(single, num_peers=2, shared_stages=4).init(jax.random.key(0), x)
