@@ -291,11 +291,12 @@ def init_model(m, num_classes: int, seed: int, aug_cfg, what: str, dtype=jnp.flo
     return model, variables
 
 
-def peer_networks(cfg, method_name: str, peer, seed: int):
-    """MCL-OKD's `PeerNetworks` of ``config.peers.num_peers`` copies of the student ``peer``
-    (sharing ``config.peers.shared_stages`` stages; a variant may change both), initialised
-    from ``seed`` (each peer independently)."""
+def peer_networks(cfg, method_name: str, m, num_classes: int, seed: int):
+    """MCL-OKD's `PeerNetworks` of ``config.peers.num_peers`` copies of the student model
+    ``m`` (sharing ``config.peers.shared_stages`` stages; a variant may change both),
+    initialised from ``seed`` (each peer independently)."""
     peers = resolve_peers(cfg, method_name)
+    peer = create_model(m.arch, num_classes, stem=m.stem, width=m.width, dtype=compute_dtype(cfg))
     model = PeerNetworks(
         peer,
         num_peers=int(peers.num_peers),
@@ -334,13 +335,16 @@ def run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir: Path
         return json.loads(result_file.read_text())
     base_method, loss_cfg, student_cfg = resolve_method(cfg, method_name)
     method = methods.build_method(base_method, loss_cfg)
-    student, student_vars = init_model(
-        student_cfg, taskset.num_classes, seed, cfg.augment, "student", compute_dtype(cfg)
-    )
-    deployed, deploy = student, None
     if method.peers:
-        student, student_vars = peer_networks(cfg, method_name, deployed, seed)
+        student, student_vars = peer_networks(
+            cfg, method_name, student_cfg, taskset.num_classes, seed
+        )
         deploy = student.leader_variables
+    else:
+        student, student_vars = init_model(
+            student_cfg, taskset.num_classes, seed, cfg.augment, "student", compute_dtype(cfg)
+        )
+        deploy = None
     teacher_models = tuple(m for m, _ in teachers) if method.uses_teachers else ()
     teacher_vars = [v for _, v in teachers] if method.uses_teachers else []
     total_steps = cfg.epochs * (len(dataset.train) // cfg.batch_size)
@@ -351,10 +355,10 @@ def run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir: Path
     scorer = Scorer(student, cfg.augment, cfg.eval_batch_size)
     test = dataset.test
 
+    scores = peer_scores if method.peers else evaluate.accuracies
+
     def score(v):
-        if method.peers:
-            return peer_scores(scorer.logits(v, test), test.labels, taskset)
-        return evaluate.accuracies(scorer.logits(v, test), test.labels, taskset)
+        return scores(scorer.logits(v, test), test.labels, taskset)
 
     meta = model_meta(
         student_cfg, taskset.num_classes, cfg.augment, taskset.class_names,

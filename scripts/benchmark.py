@@ -148,12 +148,16 @@ def build_step(args):
         )
         teachers.append(model)
         teacher_vars.append(variables)
-    student, student_vars = experiment.init_model(
-        model_config(args.student, width=args.width, stem=args.stem),
-        args.classes_per_teacher * args.teachers, 0, cfg.augment, "student", dtype,
-    )  # fmt: skip
+    student_cfg = model_config(args.student, width=args.width, stem=args.stem)
+    num_classes = args.classes_per_teacher * args.teachers
     if method.peers:  # MCL-OKD and its baselines: config.peers copies of the student
-        student, student_vars = experiment.peer_networks(cfg, args.method, student, 0)
+        student, student_vars = experiment.peer_networks(
+            cfg, args.method, student_cfg, num_classes, 0
+        )
+    else:
+        student, student_vars = experiment.init_model(
+            student_cfg, num_classes, 0, cfg.augment, "student", dtype
+        )
     spec = experiment.step_spec(
         cfg, method, cfg.loss, student, teachers, cfg.optimizer, 10_000, num_data=args.num_data
     )

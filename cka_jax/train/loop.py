@@ -208,10 +208,10 @@ def fit(
                 host_state = runner.get_state(state)
                 result = evaluate(_student_variables(host_state))
                 acc = result.get("merged_acc", result.get("acc"))
-                meta["history"].append({"epoch": done // steps_per_epoch, "step": done, **result})
+                meta["history"].append({"epoch": epoch, "step": done, **result})
                 scalars = _scalars(result, "eval/")
                 metrics_log.write(done, scalars)
-                log.info("[%s] epoch %d eval %s", name, done // steps_per_epoch, result)
+                log.info("[%s] epoch %d eval %s", name, epoch, result)
                 if best_dir is not None and (meta["best_acc"] is None or acc > meta["best_acc"]):
                     meta["best_acc"] = acc
                     save_model(best_dir, deploy(_student_variables(host_state)), best_meta or {})
