@@ -1,5 +1,6 @@
-"""MCL-OKD's multi-view contrast (``papers/mcl-okd-multi-view-contrastive.md``): the NCE loss
-between peer networks' embeddings and the memory bank of every training sample's embedding.
+"""MCL-OKD's multi-view contrast (Yang, An, Hu, Zhu, Xu and Xu, "Multi-view Contrastive
+Learning for Online Knowledge Distillation"): the NCE loss between peer networks' embeddings
+and the memory bank of every training sample's embedding.
 
 Pure ``jax.numpy``, batch-first, jit-able. The memory bank is an array (M, N, d), one row of
 unit vectors per peer network and training sample; it belongs to the train state and is
@@ -27,7 +28,7 @@ _EPS = 1e-7  # inside the logs of Eq. 11, as CRD's NCE criterion
 
 def _unit(x) -> jax.Array:
     """Rows L2-normalised in float32 (the losses' own normalisation)."""
-    return losses._l2_normalize(losses._f32(x))
+    return losses.l2_normalize(losses.as_float32(x))
 
 
 def sample_negatives(key, shape, num_data: int) -> jax.Array:

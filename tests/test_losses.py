@@ -1,5 +1,6 @@
 """Tests of cka_jax.losses against independent float64 NumPy references (written from the
-formulas in DESIGN.md / the papers, with explicit loops), plus known values, gradients and jit."""
+papers' equations, with explicit loops; every reading of an ambiguous equation has its own),
+plus known values, gradients (against central differences of the references) and jit."""
 
 import itertools
 
@@ -17,12 +18,14 @@ KINDS = ("euclidean", "cosine", "mmd")
 # Jitted wrappers, compiled once per shape and kind (far cheaper than eager op-by-op dispatch
 # on a small CPU). margin and temperature stay traced, so they need not be static. Eager
 # execution is checked against jit in test_jit_matches_eager.
-intra_contrast = jax.jit(losses.intra_contrast)
-pairwise_distances = jax.jit(losses.pairwise_distances, static_argnames=("kind",))
-transport_map = jax.jit(losses.transport_map, static_argnames=("kind",))
-inter_contrast = jax.jit(losses.inter_contrast, static_argnames=("kind",))
+intra_contrast = jax.jit(losses.intra_contrast, static_argnames=("reduction",))
+pairwise_distances = jax.jit(losses.pairwise_distances, static_argnames=("kind", "normalize"))
+transport_map = jax.jit(losses.transport_map, static_argnames=("kind", "normalize"))
+inter_contrast = jax.jit(
+    losses.inter_contrast, static_argnames=("kind", "normalize", "reduction")
+)
 mmd = jax.jit(losses.mmd, static_argnames=("sigmas", "normalize"))
-soft_target_kl = jax.jit(losses.soft_target_kl)
+soft_target_kl = jax.jit(losses.soft_target_kl, static_argnames=("direction",))
 reconstruction_loss = jax.jit(losses.reconstruction_loss)
 cross_entropy = jax.jit(losses.cross_entropy)
 
@@ -43,7 +46,7 @@ def ref_cos(a, b):
     return float(np.dot(ref_normalize(a), ref_normalize(b)))
 
 
-def ref_intra(z1, z2, margin):
+def ref_intra(z1, z2, margin, reduction="mean"):
     z1, z2 = np.asarray(z1, np.float64), np.asarray(z2, np.float64)
     b = len(z1)
     total = []
@@ -53,7 +56,8 @@ def ref_intra(z1, z2, margin):
             others_i = [j for j in range(b) if j != i]
             negs = [anchors[j] for j in others_i] + [others[j] for j in others_i]
             assert len(negs) == 2 * b - 2
-            neg = np.mean([max(ref_cos(a, n) - margin, 0.0) for n in negs])
+            hinge = [max(ref_cos(a, n) - margin, 0.0) for n in negs]
+            neg = np.sum(hinge) if reduction == "sum" else np.mean(hinge)
             total.append((1.0 - ref_cos(a, others[i])) + neg)
     return np.mean(total)
 
@@ -75,38 +79,43 @@ def ref_mmd(x, y, sigmas=SIGMAS, normalize=True):
     return max(kxx + kyy - 2 * kxy, 0.0)
 
 
-def ref_pairwise(x, kind):
+def ref_pairwise(x, kind, normalize="l2"):
     x = np.asarray(x, np.float64)
     b = len(x)
     d = np.zeros((b, b))
+    unit = ref_normalize if normalize == "l2" else (lambda v: v)
     for i, j in itertools.product(range(b), range(b)):
         if kind == "euclidean":
-            d[i, j] = np.linalg.norm(ref_normalize(x[i].ravel()) - ref_normalize(x[j].ravel()))
+            d[i, j] = np.linalg.norm(unit(x[i].ravel()) - unit(x[j].ravel()))
         elif kind == "cosine":
             d[i, j] = 1.0 - ref_cos(x[i].ravel(), x[j].ravel())
         else:
             c = x.shape[-1]
-            d[i, j] = ref_mmd(x[i].reshape(-1, c), x[j].reshape(-1, c))
+            d[i, j] = ref_mmd(x[i].reshape(-1, c), x[j].reshape(-1, c), normalize=normalize == "l2")
+    if normalize == "mean":
+        d = d / (d.sum() / (b * (b - 1)))  # the diagonal is 0
     return d
 
 
-def ref_transport(x, kind, temperature):
-    d = ref_pairwise(x, kind)
+def ref_transport(x, kind, temperature, normalize="l2"):
+    d = ref_pairwise(x, kind, normalize)
     b = len(d)
     pi = np.zeros((b, b))
     for i in range(b):
         others = [j for j in range(b) if j != i]
-        e = np.array([np.exp(-d[i, j] / temperature) for j in others])
+        e = np.array([np.exp(-(d[i, j] - d[i, others].min()) / temperature) for j in others])
         pi[i, others] = e / e.sum()
     return pi
 
 
-def ref_inter(s, t, kind, temperature):
-    p, q = ref_transport(s, kind, temperature), ref_transport(t, kind, temperature)
+def ref_inter(s, t, kind, temperature, normalize="l2", reduction="mean"):
+    p = ref_transport(s, kind, temperature, normalize)
+    q = ref_transport(t, kind, temperature, normalize)
     b = len(p)
     terms = []
     for k in range(b):
-        neg = np.mean([ref_cos(p[k], q[j]) for j in range(b) if j != k])
+        negs = [ref_cos(p[k], q[j]) for j in range(b) if j != k]
+        neg = np.sum(negs) if reduction == "sum" else np.mean(negs)
         terms.append((1.0 - ref_cos(p[k], q[k])) + neg)
     return np.mean(terms)
 
@@ -117,12 +126,25 @@ def ref_log_softmax(v):
     return v - m - np.log(np.sum(np.exp(v - m)))
 
 
-def ref_kl(s, t, temperature):
+def ref_kl(s, t, temperature, direction="teacher_student"):
     kls = []
     for si, ti in zip(s, t, strict=True):
-        lp, lq = ref_log_softmax(ti / temperature), ref_log_softmax(si / temperature)
+        log_t, log_s = ref_log_softmax(ti / temperature), ref_log_softmax(si / temperature)
+        lp, lq = (log_t, log_s) if direction == "teacher_student" else (log_s, log_t)
         kls.append(np.sum(np.exp(lp) * (lp - lq)))
     return temperature**2 * np.mean(kls)
+
+
+def ref_grad(f, x, eps=1e-6):
+    """Central differences of a float64 scalar function."""
+    x = np.asarray(x, np.float64)
+    g = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[i] += eps
+        down[i] -= eps
+        g[i] = (f(up) - f(down)) / (2 * eps)
+    return g
 
 
 def ref_ce(logits, labels):
@@ -184,6 +206,138 @@ def test_inter_contrast_matches_reference(kind, b, s_shape, t_shape):
     for temperature in (1.0, 0.1):
         got = inter_contrast(s, t, kind=kind, temperature=temperature)
         assert_close(got, ref_inter(s, t, kind, temperature))
+
+
+# ----------------------------------------------------------------- readings (options)
+
+SCALES = ("l2", "none", "mean")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("margin", [0.4, 0.0])
+def test_intra_contrast_reductions_match_reference(reduction, margin):
+    z1, z2 = _rand(40, (5, 3)), _rand(41, (5, 3), scale=3.0)
+    got = intra_contrast(z1, z2, margin=margin, reduction=reduction)
+    assert_close(got, ref_intra(z1, z2, margin, reduction))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("normalize", SCALES)
+def test_pairwise_distances_scales_match_reference(kind, normalize):
+    # Raw features of norm ~2-6, so 'none' differs from 'l2'; small enough for the MMD kernels.
+    x = _rand(42, (5, 2, 2, 3), scale=0.3 if kind == "mmd" else 2.0)
+    d = pairwise_distances(x, kind=kind, normalize=normalize)
+    assert_close(d, ref_pairwise(x, kind, normalize), rtol=2e-5)
+    assert np.all(np.diag(np.asarray(d)) == 0.0)
+
+
+@pytest.mark.parametrize("kind", ["euclidean", "cosine"])
+def test_mean_scale_is_invariant_to_feature_scale(kind):
+    x = _rand(43, (6, 4))
+    a = np.asarray(pairwise_distances(x, kind=kind, normalize="mean"))
+    b = np.asarray(pairwise_distances(7.5 * x, kind=kind, normalize="mean"))
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    off = ~np.eye(6, dtype=bool)
+    np.testing.assert_allclose(a[off].mean(), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("normalize", SCALES)
+@pytest.mark.parametrize("temperature", [1.0, 0.1])
+def test_transport_map_scales_match_reference(kind, normalize, temperature):
+    x = _rand(44, (6, 2, 1, 3), scale=0.3 if kind == "mmd" else 2.0)
+    pi = np.asarray(transport_map(x, kind=kind, temperature=temperature, normalize=normalize))
+    assert_close(pi, ref_transport(x, kind, temperature, normalize), atol=2e-6)
+    assert np.all(np.diag(pi) == 0.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("normalize", SCALES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_inter_contrast_readings_match_reference(kind, normalize, reduction):
+    scale = 0.3 if kind == "mmd" else 1.5
+    s, t = _rand(45, (6, 2, 1, 3), scale), _rand(46, (6, 1, 3, 2), scale)
+    kw = dict(kind=kind, normalize=normalize, reduction=reduction)
+    for temperature in (1.0, 0.2):
+        got = inter_contrast(s, t, temperature=temperature, **kw)
+        assert_close(got, ref_inter(s, t, kind, temperature, normalize, reduction), rtol=2e-5)
+
+
+@pytest.mark.parametrize("direction", ["teacher_student", "student_teacher"])
+def test_soft_target_kl_directions_match_reference(direction):
+    s, t = _rand(47, (6, 10), 3.0), _rand(48, (6, 10), 3.0)
+    for temperature in (1.0, 4.0):
+        got = soft_target_kl(s, t, temperature=temperature, direction=direction)
+        assert_close(got, ref_kl(s, t, temperature, direction))
+    other = "student_teacher" if direction == "teacher_student" else "teacher_student"
+    assert not np.isclose(float(got), ref_kl(s, t, 4.0, other), rtol=1e-3)
+
+
+def _grad_check(jax_fn, ref_fn, x, rtol=2e-3, atol=2e-5):
+    got = np.asarray(jax.jit(jax.grad(jax_fn))(jnp.asarray(x)))
+    np.testing.assert_allclose(got, ref_grad(ref_fn, x), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_intra_contrast_gradients_match_reference(reduction):
+    z2 = _rand(49, (4, 3), 2.0)
+    _grad_check(
+        lambda a: losses.intra_contrast(a, z2, margin=0.0, reduction=reduction),
+        lambda a: ref_intra(a, z2, 0.0, reduction),
+        _rand(50, (4, 3)),
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("normalize", SCALES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_inter_contrast_gradients_match_reference(kind, normalize, reduction):
+    scale = 0.3 if kind == "mmd" else 1.5
+    # 4 channels: for 'mmd', spatial unit vectors of 2 channels come close enough that the
+    # sigma = 0.001 kernel turns float32 rounding into visible gradient error.
+    t = _rand(51, (5, 1, 2, 4), scale)
+    kw = dict(kind=kind, temperature=0.5, normalize=normalize, reduction=reduction)
+    _grad_check(
+        lambda a: losses.inter_contrast(a, t, **kw),
+        lambda a: ref_inter(a, t, kind, 0.5, normalize, reduction),
+        _rand(52, (5, 1, 2, 4), scale),
+    )
+
+
+@pytest.mark.parametrize("direction", ["teacher_student", "student_teacher"])
+def test_soft_target_kl_gradients_match_reference(direction):
+    t = _rand(53, (3, 5), 2.0)
+    _grad_check(
+        lambda a: losses.soft_target_kl(a, t, temperature=2.0, direction=direction),
+        lambda a: ref_kl(a, t, 2.0, direction),
+        _rand(54, (3, 5), 2.0),
+    )
+
+
+def test_default_readings_are_the_first_version():
+    """The defaults of the public functions stay l2 / mean / teacher_student (calls written
+    before the options existed keep their results bit for bit)."""
+    x, y = _rand(55, (6, 2, 2, 3)), _rand(56, (6, 3, 1, 2))
+    z1, z2 = _rand(57, (6, 4)), _rand(58, (6, 4))
+    for kind in KINDS:
+        assert np.array_equal(
+            inter_contrast(x, y, kind=kind),
+            inter_contrast(x, y, kind=kind, normalize="l2", reduction="mean"),
+        )
+    assert np.array_equal(intra_contrast(z1, z2), intra_contrast(z1, z2, reduction="mean"))
+    assert np.array_equal(
+        soft_target_kl(z1, z2), soft_target_kl(z1, z2, direction="teacher_student")
+    )
+
+
+def test_unknown_readings_are_errors():
+    x = np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError, match="normalize"):
+        losses.pairwise_distances(x, normalize="max")
+    with pytest.raises(ValueError, match="reduction"):
+        losses.intra_contrast(x, x, reduction="median")
+    with pytest.raises(ValueError, match="direction"):
+        losses.soft_target_kl(x, x, direction="both")
 
 
 @pytest.mark.parametrize(
