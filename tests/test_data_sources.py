@@ -302,6 +302,22 @@ def test_image_folder(tmp_path, no_network):
     assert gray.train.images.shape[1:] == (12, 12, 1)
 
 
+def test_image_folder_train_per_class_keeps_a_fixed_draw(tmp_path):
+    make_image_folder(tmp_path, per_split={"train": 5, "test": 2})
+    source = {"name": "image_folder", "root": str(tmp_path), "image_size": 12}
+    full = load_source(source)
+    part = load_source({**source, "train_per_class": 2})
+    assert np.bincount(part.train.labels).tolist() == [2, 2, 2]
+    assert len(part.test) == len(full.test) == 6  # the test split is untouched
+    again = load_source({**source, "train_per_class": 2})
+    np.testing.assert_array_equal(part.train.images, again.train.images)
+    # Every kept image is one of the full split's, with its own label.
+    rows = {img.tobytes(): y for img, y in zip(full.train.images, full.train.labels, strict=True)}
+    kept = zip(part.train.images, part.train.labels, strict=True)
+    assert all(rows[img.tobytes()] == y for img, y in kept)
+    assert len(load_source({**source, "train_per_class": 9}).train) == 15  # at most all
+
+
 def test_image_folder_skips_bad_images_or_raises_when_strict(tmp_path, caplog):
     make_image_folder(tmp_path)
     (tmp_path / "train" / "ant" / "empty.jpg").write_bytes(b"")

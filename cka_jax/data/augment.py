@@ -31,6 +31,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MNIST_MEAN = (0.1307,) * 3
 MNIST_STD = (0.3081,) * 3
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL and torchvision
 
 TRAIN_KEYS = (
@@ -54,7 +56,9 @@ EVAL_KEYS = ("out_size", "channels", "mean", "std", "crop_fraction")
 def augment_config(preset: str = "imagenet") -> ml_collections.ConfigDict:
     """Augmentation defaults. ``'imagenet'``: 224 px natural images (the paper's recipe,
     SimCLR-style strengths). ``'mnist'``: gentle settings for 28 px digits (no flip, mild
-    crops, brightness/contrast only, no blur), MNIST mean/std."""
+    crops, brightness/contrast only, no blur), MNIST mean/std. ``'cifar'``: 32 px photographs
+    (crops of 35-100% of the image, flips, colour jitter, no blur, which would erase 32 px
+    detail), CIFAR-10 mean/std."""
     if preset == "imagenet":
         return ml_collections.ConfigDict(
             dict(
@@ -81,7 +85,16 @@ def augment_config(preset: str = "imagenet") -> ml_collections.ConfigDict:
             color_jitter=(0.4, 0.4, 0.0, 0.0), blur_prob=0.0, crop_fraction=1.0,
         )  # fmt: skip
         return cfg
-    raise ValueError(f"unknown augmentation preset {preset!r}; use 'imagenet' or 'mnist'")
+    if preset == "cifar":
+        cfg = augment_config("imagenet")
+        cfg.update(
+            out_size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD, crop_scale=(0.35, 1.0),
+            blur_prob=0.0, crop_fraction=1.0,
+        )  # fmt: skip
+        return cfg
+    raise ValueError(
+        f"unknown augmentation preset {preset!r}; use 'imagenet', 'mnist' or 'cifar'"
+    )
 
 
 def train_kwargs(cfg) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 
@@ -44,6 +45,16 @@ class Split:
         """The sub-split at ``indices`` (a copy)."""
         indices = np.asarray(indices)
         return Split(np.asarray(self.images[indices]), np.asarray(self.labels[indices]))
+
+    def per_class(self, count: Callable[[int], int], seed: int) -> Split:
+        """The first ``count(n_c)`` images of each class c (n_c images) in a seeded order,
+        kept in dataset order."""
+        order = np.random.default_rng(seed).permutation(len(self))
+        keep = []
+        for c in np.unique(self.labels):
+            members = order[self.labels[order] == c]
+            keep.append(members[: count(len(members))])
+        return self.take(np.sort(np.concatenate(keep)))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # holds arrays: compare by identity

@@ -5,6 +5,11 @@ Sources (``cfg.name``):
     split per class with a fixed seed; needs no network and no files.
   * ``'tfds'`` - a tfds dataset prepared as array_record, read with ``tfds.data_source``.
   * ``'fgvc_aircraft'`` - the official ``fgvc-aircraft-2013b`` archive layout.
+  * ``'stanford_cars'`` - Stanford Cars' official files (``cars_train/``, ``cars_test/``,
+    the devkit's ``.mat`` files and ``cars_test_annos_withlabels.mat``).
+  * ``'cub200'`` - the official ``CUB_200_2011`` archive layout.
+  * ``'stanford_dogs'`` - Stanford Dogs' official ``Images/`` and ``lists/*.mat``.
+  * ``'idx'`` - the four IDX files of MNIST, Fashion-MNIST or KMNIST (plain or ``.gz``).
   * ``'image_folder'`` - ``root/<split>/<class>/*.jpg|png``.
   * ``'numpy'`` - an ``.npz`` file with ``x_train, y_train, x_test, y_test``.
 See docs/data.md for every field.
@@ -12,6 +17,7 @@ See docs/data.md for every field.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.resources
 import os
@@ -25,7 +31,17 @@ from .base import Dataset, Split
 from .errors import DataNotFoundError
 from .imaging import decode_many
 
-SOURCES = ("mnist_embedded", "tfds", "fgvc_aircraft", "image_folder", "numpy")
+SOURCES = (
+    "mnist_embedded",
+    "tfds",
+    "fgvc_aircraft",
+    "stanford_cars",
+    "cub200",
+    "stanford_dogs",
+    "image_folder",
+    "numpy",
+    "idx",
+)
 
 MNIST_CLASS_NAMES = tuple(str(d) for d in range(10))
 
@@ -59,10 +75,26 @@ def default_source_config(name: str) -> ml_collections.ConfigDict:
             crop_banner=True,
             strict=False,  # True: a corrupt image stops loading instead of being skipped
         )
+    elif name == "stanford_cars":
+        # crop_bbox: crop each image to its annotated bounding box before resizing.
+        fields = dict(common, root=None, crop_bbox=False, strict=False)
+    elif name in ("cub200", "stanford_dogs"):
+        fields = dict(common, root=None, strict=False)
     elif name == "image_folder":
-        fields = dict(common, root=None, train_split="train", test_split="test", strict=False)
+        fields = dict(
+            common, root=None, train_split="train", test_split="test", strict=False,
+            train_per_class=None,
+        )  # fmt: skip
     elif name == "numpy":
         fields = dict(name=name, path=None, image_size=None, class_names=None)
+    elif name == "idx":
+        from .idx import DEFAULT_FILES
+
+        # image_size None keeps the native 28 px; class_names None names the labels 0..9.
+        fields = dict(
+            name=name, root=None, image_size=None, channels=1, class_names=None,
+            train_per_class=None, **DEFAULT_FILES,
+        )  # fmt: skip
     else:
         raise ValueError(f"unknown data source {name!r}; choose one of {SOURCES}")
     return ml_collections.ConfigDict(fields)
@@ -84,8 +116,20 @@ def _resolve(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> ml_collectio
 
 
 def load_source(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> Dataset:
-    """Loads the dataset a source config describes (decoded, fixed-size, in host memory)."""
+    """Loads the dataset a source config describes (decoded, fixed-size, in host memory).
+
+    ``train_per_class`` (image folders and IDX files) keeps at most that many training
+    images per class, a fixed seeded draw (the test split is untouched)."""
     cfg = _resolve(cfg)
+    dataset = _load(cfg)
+    limit = cfg.get("train_per_class")
+    if limit:
+        train = dataset.train.per_class(lambda n: min(n, int(limit)), seed=0)
+        dataset = dataclasses.replace(dataset, train=train)
+    return dataset
+
+
+def _load(cfg: ml_collections.ConfigDict) -> Dataset:
     if cfg.name == "mnist_embedded":
         return load_mnist_embedded(cfg)
     if cfg.name == "numpy":
@@ -98,6 +142,22 @@ def load_source(cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> Dataset:
         from .aircraft import load_fgvc_aircraft
 
         return load_fgvc_aircraft(cfg)
+    if cfg.name == "stanford_cars":
+        from .cars import load_stanford_cars
+
+        return load_stanford_cars(cfg)
+    if cfg.name == "cub200":
+        from .cub import load_cub200
+
+        return load_cub200(cfg)
+    if cfg.name == "stanford_dogs":
+        from .dogs import load_stanford_dogs
+
+        return load_stanford_dogs(cfg)
+    if cfg.name == "idx":
+        from .idx import load_idx
+
+        return load_idx(cfg)
     from .tfds_source import load_tfds  # imports tensorflow_datasets: only when asked
 
     return load_tfds(cfg)
