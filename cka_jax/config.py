@@ -11,11 +11,22 @@ import ml_collections
 
 from cka_jax.data import augment_config, default_source_config
 from cka_jax.distributed import distributed_config
+from cka_jax.losses import DISTANCE_SCALES, KL_DIRECTIONS, REDUCTIONS
 from cka_jax.models import ARCHITECTURES
-from cka_jax.train.methods import INTER_KINDS, PEER_METHODS, TRAINED_METHODS
+from cka_jax.train.methods import INTER_FEATURES, INTER_KINDS, PEER_METHODS, TRAINED_METHODS
 from cka_jax.train.step import PARALLELISM
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+SELECTION_CRITERIA = ("final", "teacher_agreement")
+# The loss fields that name a choice, and their valid values.
+LOSS_CHOICES = {
+    "inter_kind": INTER_KINDS,
+    "inter_normalize": DISTANCE_SCALES,
+    "inter_features": INTER_FEATURES,
+    "intra_reduction": REDUCTIONS,
+    "inter_reduction": REDUCTIONS,
+    "std_direction": KL_DIRECTIONS,
+}
 
 
 def model_config(arch="resnet18", width=64, stem="imagenet", checkpoint="", finetune=False):
@@ -81,7 +92,17 @@ def base_config() -> ml_collections.ConfigDict:
             recon_weight=10.0,
             cfl_weight=10.0,  # CFL: soft target + 10 * (MMD + reconstruction)
             inter_kind="euclidean",  # Table 3: 'euclidean' | 'cosine' | 'mmd'
-            inter_temperature=1.0,
+            # The readings of the CKA paper's ambiguous equations, chosen by measurement
+            # (docs/method.md): with l2-normalised features at T = 1 the transport maps
+            # are near uniform and the inter term moves nothing.
+            inter_temperature=0.2,  # T of Eq. 5
+            inter_normalize="mean",  # Eq. 5's distance scale: 'l2' | 'none' | 'mean'
+            inter_features="backbone",  # what Eqs. 5-6 compare: 'backbone' | 'adapted'
+            intra_reduction="mean",  # over Eq. 3's negatives: 'mean' | 'sum'
+            inter_reduction="mean",  # over Eq. 6's negatives: 'mean' | 'sum'
+            # Eq. 11's KL: 'teacher_student' (Hinton's KD) | 'student_teacher' (as written).
+            # CKA's soft-target term only; `kd` and `cfl` keep Hinton's direction.
+            std_direction="teacher_student",
             # MCL-OKD (the peer methods), its paper's defaults (Sec. 4.1).
             okd_temperature=3.0,  # T of Eqs. 3-5, ensemble -> leader
             contrast_weight=0.025,  # beta of Eq. 12
@@ -104,7 +125,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.compute_dtype = "float32"
     # Multi-process runs (cka_jax.distributed): join with JAX's distributed runtime.
     c.distributed = distributed_config()
+    # Which model a label-free run keeps (and exports): the final one, or the best by
+    # agreement with the teachers' union argmax on `holdout_fraction` of the training images,
+    # then held out of every student's training. The test set only reports.
+    c.selection = ml_collections.ConfigDict(
+        dict(criterion="final", holdout_fraction=0.1)
+    )
     c.log_every = 50
+    # Every log_every steps, each loss term's gradient share on the student and the inter
+    # term's transport-map peakedness (cka_jax.diagnostics), by a separate jitted function.
+    c.diagnostics = True
     c.checkpoint_every = 0  # steps; 0 = at each epoch end
     c.keep_checkpoints = 3
     return c
@@ -151,6 +181,16 @@ def resolve_peers(cfg, name: str) -> ml_collections.ConfigDict:
     return peers
 
 
+def _check_loss_choices(loss, where: str):
+    for field, valid in LOSS_CHOICES.items():
+        if loss[field] not in valid:
+            raise ValueError(f"{where}.{field}={loss[field]!r}; valid: {valid}")
+    if not loss.inter_temperature > 0:
+        raise ValueError(
+            f"{where}.inter_temperature must be positive, got {loss.inter_temperature}"
+        )
+
+
 def _check_peers(peers, arch: str, where: str):
     stages = len(ARCHITECTURES[arch][0])
     if peers.num_peers < 2 or peers.embed_dim < 1 or not 0 <= peers.shared_stages < stages:
@@ -181,8 +221,7 @@ def _check_variants(cfg):
                         f"valid: {sorted(allowed[key].keys())}"
                     )
         _, loss, student = resolve_method(cfg, name)
-        if loss.inter_kind not in INTER_KINDS:
-            raise ValueError(f"{where}.loss.inter_kind={loss.inter_kind!r}; valid: {INTER_KINDS}")
+        _check_loss_choices(loss, f"{where}.loss")
         _check_model(student, f"{where}.student")
         _check_peers(resolve_peers(cfg, name), student.arch, f"{where}.peers")
 
@@ -212,11 +251,19 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.parallelism={cfg.parallelism!r}; valid: {PARALLELISM}")
     if cfg.compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"config.compute_dtype={cfg.compute_dtype!r}; valid: {COMPUTE_DTYPES}")
-    if cfg.loss.inter_kind not in INTER_KINDS:
-        raise ValueError(f"config.loss.inter_kind={cfg.loss.inter_kind!r}; valid: {INTER_KINDS}")
+    _check_loss_choices(cfg.loss, "config.loss")
     if not 0 < cfg.teacher_data_fraction <= 1:
         raise ValueError(
             f"config.teacher_data_fraction must lie in (0, 1], got {cfg.teacher_data_fraction}"
+        )
+    if cfg.selection.criterion not in SELECTION_CRITERIA:
+        raise ValueError(
+            f"config.selection.criterion={cfg.selection.criterion!r}; valid: {SELECTION_CRITERIA}"
+        )
+    if cfg.selection.criterion != "final" and not 0 < cfg.selection.holdout_fraction < 1:
+        raise ValueError(
+            "config.selection.holdout_fraction must lie in (0, 1), got "
+            f"{cfg.selection.holdout_fraction}"
         )
     for field in ("epochs", "teacher_epochs", "batch_size", "eval_batch_size", "eval_every"):
         if int(cfg[field]) < (0 if field == "teacher_epochs" else 1):

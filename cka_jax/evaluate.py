@@ -1,7 +1,10 @@
 """Scoring: merged accuracy over the union label space and per-task accuracy, in percent.
 
 - merged accuracy: argmax over all union classes, on the union test set;
-- per-task accuracy: on task t's test images, argmax over task t's slice of the scores.
+- per-task accuracy: on task t's test images, argmax over task t's slice of the scores;
+- routing accuracy: the share of test images whose merged argmax falls among their own
+  task's classes. A merged error is either a wrong task (routing) or a wrong class within
+  the right task; routing tells "knows which task" apart from "knows its task's classes".
 
 Every test image is scored (the last batch is padded and masked), with integer labels wide
 enough for any union (the CFL authors' code cast labels to uint8 and dropped the last batch).
@@ -26,15 +29,27 @@ def predict(forward: Callable, variables, split, batch_size: int) -> np.ndarray:
 
 
 def accuracies(scores: np.ndarray, labels: np.ndarray, taskset) -> dict:
-    """Merged and per-task accuracy (percent) of (N, K) union scores against union labels."""
+    """Merged, per-task and routing accuracy (percent) of (N, K) union scores against union
+    labels."""
     labels = np.asarray(labels, np.int64)
-    merged = float(np.mean(np.argmax(scores, axis=-1) == labels) * 100)
-    task_acc = {}
+    pred = np.argmax(scores, axis=-1)
+    merged = float(np.mean(pred == labels) * 100)
+    task_acc, routed = {}, np.zeros(len(labels), bool)
     for name, sl in zip(taskset.names, taskset.slices, strict=True):
         in_task = (labels >= sl.start) & (labels < sl.stop)
+        routed |= in_task & (pred >= sl.start) & (pred < sl.stop)
         local_pred = np.argmax(scores[in_task, sl], axis=-1) + sl.start
         task_acc[name] = float(np.mean(local_pred == labels[in_task]) * 100)
-    return {"merged_acc": merged, "task_acc": task_acc}
+    routing = float(np.mean(routed) * 100)
+    return {"merged_acc": merged, "task_acc": task_acc, "routing_acc": routing}
+
+
+def agreement(scores: np.ndarray, teacher_logits: list[np.ndarray]) -> float:
+    """Percent of images on which the argmax of ``scores`` (N, K) equals the argmax of the
+    teachers' concatenated logits: a label-free score of a student (the ensemble's
+    prediction is its only target)."""
+    target = np.argmax(np.concatenate(teacher_logits, axis=-1), axis=-1)
+    return float(np.mean(np.argmax(scores, axis=-1) == target) * 100)
 
 
 def single_teacher_scores(teacher_logits: np.ndarray, taskset, task: int) -> np.ndarray:

@@ -6,13 +6,14 @@ checkpoints, so re-running a killed command picks up where it stopped.
 
 Workdir layout:
   teachers/<task>/            teacher model checkpoints (trained here or copied from config)
-  runs/<method>/seed_<s>/     checkpoints/, best/, metrics.jsonl, tensorboard/, result.json
-  student/                    the best amalgamated student, with the union's class names
+  runs/<method>/seed_<s>/     checkpoints/, selected/, metrics.jsonl, tensorboard/, result.json
+  student/                    the exported amalgamated student, with the union's class names
   results.json, results.md    the report
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -24,9 +25,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cka_jax import checkpoint, evaluate, report
+from cka_jax import checkpoint, diagnostics, evaluate, report
 from cka_jax.config import resolve_method, resolve_peers, validate
 from cka_jax.data import (
+    Split,
     augment_with_keys,
     eval_kwargs,
     eval_preprocess,
@@ -196,12 +198,7 @@ def per_class_fraction(split, fraction: float, seed: int):
     """The first ``ceil(fraction * n_c)`` images of each class in a seeded order."""
     if fraction >= 1:
         return split
-    order = np.random.default_rng(seed).permutation(len(split))
-    keep = []
-    for c in np.unique(split.labels):
-        members = order[split.labels[order] == c]
-        keep.append(members[: int(np.ceil(fraction * len(members)))])
-    return split.take(np.sort(np.concatenate(keep)))
+    return split.per_class(lambda n: int(np.ceil(fraction * n)), seed)
 
 
 def train_teacher(cfg, m, taskset, dataset, t, out_dir: Path):
@@ -321,14 +318,59 @@ def report_rows(row: dict) -> list[dict]:
         return [row]
     ensemble = {**row, **row["ensemble"], "method": f"{row['method']}:ensemble"}
     ensemble["params"] = row["ensemble_params"]
-    ensemble["best_merged_acc"] = None  # the best epoch is chosen by the leader
+    ensemble["selection"] = None  # only the leader is kept
     del ensemble["ensemble"], ensemble["ensemble_params"]
     return [row, ensemble]
 
 
-def run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir: Path) -> dict:
-    """Trains one method with one seed (resuming if interrupted); returns its result row
-    (`report_rows` gives the report's rows of it)."""
+_HOLDOUT_STREAM = 7919  # seeds the held-out images apart from every other draw
+
+
+@dataclasses.dataclass
+class Selection:
+    """How a run's kept model is chosen, without test labels: the final one, or the best by
+    agreement with the teachers' union argmax on held-out unlabelled training images."""
+
+    criterion: str
+    holdout: Split | None = None
+    teacher_logits: list | None = None  # the teachers' logits on ``holdout``
+
+    def applies(self, label_free: bool) -> bool:
+        """Labelled methods (supervised, the peer methods) keep their final model."""
+        return self.criterion != "final" and label_free
+
+    def scorer(self, scorer: Scorer):
+        """``variables -> agreement (%)`` on the held-out images, for `fit`'s ``select``."""
+        return lambda v: evaluate.agreement(scorer.logits(v, self.holdout), self.teacher_logits)
+
+
+def selection_split(cfg, train: Split) -> tuple[Split, Split | None]:
+    """``(student training images, held-out images)``: with the criterion
+    'teacher_agreement', ``selection.holdout_fraction`` of the training images (a seeded
+    draw shared by every method and seed of the experiment) are kept out of every student's
+    training for model selection; their labels are never read."""
+    if cfg.selection.criterion == "final":
+        return train, None
+    order = np.random.default_rng(int(cfg.tasks.seed) + _HOLDOUT_STREAM).permutation(len(train))
+    k = int(round(cfg.selection.holdout_fraction * len(train)))
+    return train.take(np.sort(order[k:])), train.take(np.sort(order[:k]))
+
+
+def make_selection(cfg, teachers, holdout: Split | None) -> Selection:
+    if holdout is None or not teachers:
+        return Selection("final")
+    logits = [
+        Scorer(model, cfg.augment, cfg.eval_batch_size).logits(variables, holdout)
+        for model, variables in teachers
+    ]
+    return Selection(cfg.selection.criterion, holdout, logits)
+
+
+def run_method(
+    cfg, method_name, seed, teachers, taskset, dataset, workdir: Path, train, selection
+) -> dict:
+    """Trains one method with one seed on ``train`` (resuming if interrupted); returns its
+    result row (`report_rows` gives the report's rows of it)."""
     run_dir = workdir / "runs" / method_name / f"seed_{seed}"
     result_file = run_dir / "result.json"
     if result_file.exists():
@@ -347,10 +389,10 @@ def run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir: Path
         deploy = None
     teacher_models = tuple(m for m, _ in teachers) if method.uses_teachers else ()
     teacher_vars = [v for _, v in teachers] if method.uses_teachers else []
-    total_steps = cfg.epochs * (len(dataset.train) // cfg.batch_size)
+    total_steps = cfg.epochs * (len(train) // cfg.batch_size)
     spec = step_spec(
         cfg, method, loss_cfg, student, teacher_models, cfg.optimizer, total_steps,
-        num_data=len(dataset.train),
+        num_data=len(train),
     )  # fmt: skip
     scorer = Scorer(student, cfg.augment, cfg.eval_batch_size)
     test = dataset.test
@@ -365,13 +407,14 @@ def run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir: Path
         method=method_name, seed=seed, source_image_size=int(dataset.image_shape[0]),
         source_channels=int(dataset.image_shape[2]),
     )  # fmt: skip
+    selects = selection.applies(not methods.uses_labels(base_method))
     result = fit(
         name=f"{method_name} seed {seed}",
         spec=spec,
         parallelism=cfg.parallelism,
         student_variables=student_vars,
         teacher_variables=teacher_vars,
-        split=dataset.train,
+        split=train,
         batch_size=cfg.batch_size,
         epochs=cfg.epochs,
         seed=seed,
@@ -381,22 +424,39 @@ def run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir: Path
         log_every=cfg.log_every,
         checkpoint_every=cfg.checkpoint_every,
         keep_checkpoints=cfg.keep_checkpoints,
-        best_dir=run_dir / "best",
-        best_meta=meta,
+        selected_dir=run_dir / "selected",
+        selected_meta=meta,
+        select=selection.scorer(scorer) if selects else None,
         deploy=deploy,
+        # A single term's share is 1 by construction: nothing to diagnose.
+        diagnose_every=cfg.log_every if cfg.diagnostics and len(method.weights) > 1 else 0,
     )
     # The last epoch-end evaluation scored the final student already.
     final = result.history[-1]
+    kept = next(h for h in result.history if h["step"] == result.selected["step"])
     row = {
         "method": method_name,
         "base_method": base_method,
         "seed": int(seed),
         "merged_acc": final["merged_acc"],
         "task_acc": final["task_acc"],
-        "best_merged_acc": result.best_acc,
+        "routing_acc": final["routing_acc"],
+        # The kept model, chosen without test labels; its test accuracy is only reported.
+        "selection": {
+            "criterion": selection.criterion if selects else "final",
+            "epoch": result.selected["epoch"],
+            "score": result.selected["score"],
+            "merged_acc": kept["merged_acc"],
+        },
         "params": param_count(result.variables),
         "wall_s": round(result.wall_s, 1),
     }
+    if result.diagnostics:
+        row["grad_share_median"] = diagnostics.median_shares(result.diagnostics)
+        log.info(
+            "%s seed %d: median gradient share on the student: %s", method_name, seed,
+            ", ".join(f"{k} {v:.3f}" for k, v in row["grad_share_median"].items()),
+        )  # fmt: skip
     if method.peers:
         row["ensemble"] = final["ensemble"]
         # Every peer's network (a shared trunk once), without the embeddings used in training.
@@ -409,17 +469,19 @@ def run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir: Path
 
 
 def export_student(workdir: Path, rows: list[dict]) -> None:
-    """Copies the best amalgamated (label-free) student to workdir/student/."""
+    """Copies one amalgamated (label-free) student to workdir/student/: the best by the
+    label-free selection score when the runs have one, else the first label-free method of
+    ``config.methods`` with its first seed. Test accuracy plays no part."""
     candidates = [
         r for r in rows
-        if r.get("best_merged_acc") is not None
+        if r.get("selection") is not None
         and not methods.uses_labels(r.get("base_method", r["method"]))
-        and not r["method"].endswith(":ensemble")
     ]  # fmt: skip
     if not candidates:
         return
-    best = max(candidates, key=lambda r: r["best_merged_acc"])
-    src = workdir / "runs" / best["method"] / f"seed_{best['seed']}" / "best"
+    scored = [r for r in candidates if r["selection"]["score"] is not None]
+    best = max(scored, key=lambda r: r["selection"]["score"]) if scored else candidates[0]
+    src = workdir / "runs" / best["method"] / f"seed_{best['seed']}" / "selected"
     model, variables, meta = checkpoint.load_model(src)
     checkpoint.save_model(workdir / "student", variables, meta)
 
@@ -498,9 +560,13 @@ def run(cfg, workdir) -> str:
         rows = teacher_report_rows(cfg, teachers, taskset, dataset)
     else:
         log.info("no method in config.methods uses teachers: none trained or loaded")
+    train, holdout = selection_split(cfg, dataset.train)
+    selection = make_selection(cfg, teachers, holdout)
     for method_name in cfg.methods:
         for seed in cfg.seeds:
-            row = run_method(cfg, method_name, seed, teachers, taskset, dataset, workdir)
+            row = run_method(
+                cfg, method_name, seed, teachers, taskset, dataset, workdir, train, selection
+            )
             rows.extend(report_rows(row))
             report.write_report(workdir, rows, taskset.names, title=cfg.name)
     export_student(workdir, rows)

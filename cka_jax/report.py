@@ -1,5 +1,6 @@
 """The report: `results.json` (rows and per-method summary) and `results.md` (the paper's
-Table 2 layout: one row per method, parameter count, merged and per-task accuracy)."""
+Table 2 layout: one row per method, parameter count, merged and per-task accuracy, plus the
+routing accuracy: how often the merged argmax falls in the image's own task)."""
 
 from __future__ import annotations
 
@@ -26,11 +27,14 @@ def summarize(rows: list[dict]) -> dict:
     for method in dict.fromkeys(r["method"] for r in rows):
         group = [r for r in rows if r["method"] == method]
         mean, std = _mean_std([r["merged_acc"] for r in group])
+        routing_mean, routing_std = _mean_std([r.get("routing_acc") for r in group])
         tasks = list(group[0]["task_acc"])
         task_stats = {t: _mean_std([r["task_acc"][t] for r in group]) for t in tasks}
         summary[method] = {
             "merged_acc_mean": mean,
             "merged_acc_std": std,
+            "routing_acc_mean": routing_mean,
+            "routing_acc_std": routing_std,
             "task_acc_mean": {t: s[0] for t, s in task_stats.items()},
             "task_acc_std": {t: s[1] for t, s in task_stats.items()},
             "params": group[0].get("params"),
@@ -52,7 +56,7 @@ def params_text(n):
 
 
 def markdown_table(summary: dict, task_names) -> str:
-    header = ["Method", "Params", "Merged", *task_names]
+    header = ["Method", "Params", "Merged", "Routing", *task_names]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, s in summary.items():
         n = len(s["seeds"])
@@ -60,6 +64,7 @@ def markdown_table(summary: dict, task_names) -> str:
             method,
             params_text(s["params"]),
             cell(s["merged_acc_mean"], s["merged_acc_std"], n),
+            cell(s["routing_acc_mean"], s["routing_acc_std"], n),
         ]
         cells += [cell(s["task_acc_mean"][t], s["task_acc_std"][t], n) for t in task_names]
         lines.append("| " + " | ".join(cells) + " |")
@@ -76,8 +81,10 @@ def write_report(workdir, rows: list[dict], task_names, *, title: str = "Results
     write_json_atomic(workdir / "results.json", {"rows": rows, "summary": summary})
     note = (
         "Accuracy in percent on the union test set (merged: argmax over all classes; per task: "
-        "argmax within the task's classes). Mean ± sample std over seeds where several ran. "
-        "Teacher rows score one teacher alone (its probabilities outside its classes are 0)."
+        "argmax within the task's classes; routing: share of images whose merged argmax falls "
+        "in their own task's classes). Mean ± sample std over seeds where several ran. "
+        "Teacher rows score one teacher alone (its probabilities outside its classes are 0). "
+        "Students are the final ones (no test-set selection)."
     )
     (workdir / "results.md").write_text(f"# {title}\n\n{table}\n\n{note}\n")
     return table

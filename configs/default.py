@@ -30,5 +30,5 @@ def get_config():
     c.loss.kd_temperature = 4.0
     c.methods = ("kd", "cfl", "cka")
     c.seeds = (0,)
-    c.log_every = 20
+    c.log_every = 50
     return c

@@ -79,14 +79,54 @@ def test_inter_kind_must_be_a_table3_distance():
 
 
 @pytest.mark.parametrize(
-    "name", ["default", "mcl_okd", "cars_aircraft", "dogs", "cars", "cub", "aircraft", "study"]
+    "field, value, valid",
+    [
+        ("inter_normalize", "max", "mean"),
+        ("inter_features", "logits", "adapted"),
+        ("intra_reduction", "median", "sum"),
+        ("inter_reduction", "median", "sum"),
+        ("std_direction", "both", "student_teacher"),
+        ("inter_temperature", 0.0, "positive"),
+    ],
+)
+def test_loss_readings_must_be_valid_in_the_config_and_in_a_variant(field, value, valid):
+    cfg = tiny_config.get_config()
+    cfg.loss[field] = value
+    with pytest.raises(ValueError, match=f"config.loss.{field}.*{valid}"):
+        validate(cfg)
+    cfg = tiny_config.get_config()
+    cfg.variants = {"cka_x": dict(method="cka", loss={field: value})}
+    cfg.methods = ("cka_x",)
+    with pytest.raises(ValueError, match=f"config.variants.cka_x.loss.{field}.*{valid}"):
+        validate(cfg)
+
+
+def test_selection_criterion_and_holdout_are_checked():
+    cfg = tiny_config.get_config()
+    cfg.selection.criterion = "best_test"
+    with pytest.raises(ValueError, match="teacher_agreement"):
+        validate(cfg)
+    cfg.selection.criterion = "teacher_agreement"
+    cfg.selection.holdout_fraction = 1.0
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["default", "mcl_okd", "cars_aircraft", "dogs", "cars", "cub", "aircraft", "study", "readings"],
 )
 def test_shipped_configs_validate(name, monkeypatch):
     import importlib
 
     monkeypatch.syspath_prepend(str(REPO))
     module = importlib.import_module(f"configs.{name}")
-    for arg in getattr(module, "EXPERIMENTS", [None]):
+    args = [None]
+    if name == "study":
+        args = module.EXPERIMENTS
+    elif name == "readings":
+        args = ("default", "hard,all", "default,candidates")
+    for arg in args:
         validate(module.get_config() if arg is None else module.get_config(arg))
 
 

@@ -35,9 +35,9 @@ def test_every_method_trains_with_finite_terms_and_falling_loss(all_methods_run)
             "kd": {"kd"},
             "cfl": {"kd", "align", "recon"},
             "supervised": {"ce"},
-            "cka": {"intra", "inter", "align", "kd", "recon"},
-            "cka_intra": {"intra", "align", "kd", "recon"},
-            "cka_inter": {"inter", "align", "kd", "recon"},
+            "cka": {"intra", "inter", "align", "std", "recon"},
+            "cka_intra": {"intra", "align", "std", "recon"},
+            "cka_inter": {"inter", "align", "std", "recon"},
             "independent": {"peer_ce"},
             "dml": {"peer_ce", "mutual_kl"},
             "mcl_okd": {"peer_ce", "leader_kl", "contrast"},
@@ -50,6 +50,24 @@ def test_every_method_trains_with_finite_terms_and_falling_loss(all_methods_run)
         assert last < first, (method, first, last)
 
 
+def test_cka_runs_log_what_each_term_does(all_methods_run):
+    cfg, workdir, _ = all_methods_run
+    rows = {r["method"]: r for r in json.loads((workdir / "results.json").read_text())["rows"]}
+    metrics = read_metrics(workdir / "runs" / "cka" / "seed_0" / "metrics.jsonl")
+    logged = [m for m in metrics if "grad_share/inter" in m]
+    assert [m["step"] for m in logged] == list(range(cfg.log_every, 21, cfg.log_every))
+    for m in logged:
+        shares = [v for k, v in m.items() if k.startswith("grad_share/")]
+        assert abs(sum(shares) - 1) < 1e-4 and len(shares) == 5
+        assert m["grad_share/recon"] == 0.0  # the guard trains teacher-side heads only
+        assert {"inter/student_peak", "inter/teacher0_peak", "inter/teacher1_entropy"} <= set(m)
+    assert set(rows["cka"]["grad_share_median"]) == {"intra", "inter", "align", "std", "recon"}
+    # Single-term methods have nothing to decompose.
+    kd_metrics = read_metrics(workdir / "runs" / "kd" / "seed_0" / "metrics.jsonl")
+    assert not any("grad_share/kd" in m for m in kd_metrics)
+    assert "grad_share_median" not in rows["kd"]
+
+
 def test_report_has_every_row_in_the_documented_schema(all_methods_run):
     cfg, workdir, table = all_methods_run
     results = json.loads((workdir / "results.json").read_text())
@@ -57,8 +75,8 @@ def test_report_has_every_row_in_the_documented_schema(all_methods_run):
     trained = [[m, f"{m}:ensemble"] if m in PEER_METHODS else [m] for m in cfg.methods]
     assert methods == ["teacher:task0", "teacher:task1", "ensemble", *sum(trained, [])]
     for row in results["rows"]:
-        assert set(row) >= {"method", "seed", "merged_acc", "task_acc", "params"}
-        assert 0 <= row["merged_acc"] <= 100
+        assert set(row) >= {"method", "seed", "merged_acc", "task_acc", "routing_acc", "params"}
+        assert 0 <= row["merged_acc"] <= row["routing_acc"] <= 100
         assert set(row["task_acc"]) == {"task0", "task1"}
     teacher0 = results["rows"][0]
     assert teacher0["task_acc"]["task1"] is None  # undefined, not 0
@@ -67,7 +85,7 @@ def test_report_has_every_row_in_the_documented_schema(all_methods_run):
     assert set(summary) == set(methods)
     assert summary["kd"]["merged_acc_mean"] == results["rows"][3]["merged_acc"]
     md = (workdir / "results.md").read_text()
-    assert "| Method | Params | Merged | task0 | task1 |" in md
+    assert "| Method | Params | Merged | Routing | task0 | task1 |" in md
     assert all(f"| {m} |" in md for m in methods)
     assert table in md
 
@@ -90,7 +108,8 @@ def test_exported_student_predicts_top5_by_class_name(all_methods_run, tmp_path)
     cfg, workdir, _ = all_methods_run
     model, variables, meta = load_model(workdir / "student")
     assert meta["class_names"] == [str(d) for d in range(10)]
-    assert meta["method"] != "supervised"
+    # Final students carry no selection score: the first label-free method is exported.
+    assert meta["method"] == next(m for m in cfg.methods if m != "supervised") == "kd"
     data = load_source(cfg.data)
     paths = []
     for i in range(2):
@@ -159,7 +178,7 @@ def test_a_method_variant_trains_its_own_student_beside_the_shared_teachers(
     assert row["params"] == expected
     steps = read_metrics(tmp_path / "runs" / "kd_wide" / "seed_0" / "metrics.jsonl")
     assert {k for k in steps[0] if k.startswith("loss/")} == {"loss/kd"}
-    _, _, meta = load_model(tmp_path / "runs" / "kd_wide" / "seed_0" / "best")
+    _, _, meta = load_model(tmp_path / "runs" / "kd_wide" / "seed_0" / "selected")
     assert meta["width"] == 8 and meta["method"] == "kd_wide"
 
 

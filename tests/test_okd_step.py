@@ -60,12 +60,14 @@ def test_mcl_okd_run_resumes_from_its_checkpoint_with_the_memory_bank(all_method
     assert step == 20
     ref_rows = json.loads((reference / "results.json").read_text())["rows"]
     # What is kept is the leader alone, as a plain ResNet scoring the reported accuracy.
-    model, leader, _ = checkpoint.load_model(reference / run / "best")
+    model, leader, _ = checkpoint.load_model(reference / run / "selected")
     taskset, dataset = experiment.prepare_data(cfg)
     scores = experiment.Scorer(model, cfg.augment, 64).logits(leader, dataset.test)
     row = next(r for r in ref_rows if r["method"] == "mcl_okd")
-    best = evaluate.accuracies(scores, dataset.test.labels, taskset)["merged_acc"]
-    assert isinstance(model, ResNet) and best == row["best_merged_acc"]
+    kept = evaluate.accuracies(scores, dataset.test.labels, taskset)["merged_acc"]
+    assert isinstance(model, ResNet) and kept == row["merged_acc"]  # the final leader
+    assert row["selection"] == {"criterion": "final", "epoch": cfg.epochs, "score": None,
+                                "merged_acc": row["merged_acc"]}  # fmt: skip
     evals = [json.loads(line) for line in (reference / run / "metrics.jsonl").open()]
     last = [m for m in evals if "eval/merged_acc" in m][-1]
     ensemble_acc = next(r for r in ref_rows if r["method"] == "mcl_okd:ensemble")["merged_acc"]

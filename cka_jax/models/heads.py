@@ -1,6 +1,7 @@
 """Trainable heads of the amalgamation methods (the teachers' backbones stay frozen).
 
-- CKA (Zhang et al. 2022, Sec. 4.2): per model a 1x1 conv adaption to 256 channels, global
+- CKA (Gao, Fu, Liu and Han, "Contrastive Knowledge Amalgamation for Unsupervised Image
+  Classification", Sec. 4.2): per model a 1x1 conv adaption to 256 channels, global
   average pooling, then a shared MLP to the 128-d common space; a 2-layer projection MLP on
   the student's pooled features for the intra-model contrast (Eq. 3).
 - CFL (Luo et al. 2019, Sec. 4.1, Fig. 2): per model a 1x1 conv adaption (+ReLU) to 256
@@ -100,16 +101,20 @@ class AmalgamationHeads(nn.Module):
       common_space: None, 'cka' (pooled 128-d vectors) or 'cfl' (spatial 128-channel maps).
       projection: whether to build the student's projection head (intra-model contrast).
       reconstruction: whether to build the per-teacher decoders (CFL Eq. 4; CKA's guard).
+      adapted_maps: whether to return the 1x1-adapted maps (CKA's inter-model contrast on
+        the common space's c x h x w maps).
 
     ``__call__(student_features, teacher_features, student_features_view2=None)`` returns a
     dict with, where built: 'student_common' and 'teacher_common' (list), 'reconstruction'
-    and 'reconstruction_target' (lists, per teacher), 'projection' (and 'projection_view2').
+    and 'reconstruction_target' (lists, per teacher), 'projection' (and 'projection_view2'),
+    'student_adapted' and 'teacher_adapted' (list).
     """
 
     teacher_channels: Sequence[int]
     common_space: str | None = None
     projection: bool = False
     reconstruction: bool = False
+    adapted_maps: bool = False
     adapt_dim: int = 256
     common_dim: int = 128
     projection_dim: int = 128
@@ -130,11 +135,14 @@ class AmalgamationHeads(nn.Module):
                 out["projection_view2"] = projector(jnp.mean(student_features_view2, axis=(1, 2)))
         if self.common_space is None:
             return out
+        adapted_maps = {}
         if self.common_space == "cka":
             shared = MLP(self.adapt_dim, self.common_dim, self.dtype, name="shared_mlp")
 
             def to_common(features, name):
                 adapted = Adaption(self.adapt_dim, relu=True, dtype=self.dtype, name=name)(features)
+                if self.adapted_maps:
+                    adapted_maps[name] = adapted
                 return shared(jnp.mean(adapted, axis=(1, 2)))
 
             targets = [jnp.mean(f, axis=(1, 2)) for f in teacher_features]
@@ -160,6 +168,13 @@ class AmalgamationHeads(nn.Module):
         out["teacher_common"] = [
             to_common(f, f"adapt_teacher{t}") for t, f in enumerate(teacher_features)
         ]
+        if self.adapted_maps:
+            if self.common_space != "cka":
+                raise ValueError("adapted_maps needs common_space='cka'")
+            out["student_adapted"] = adapted_maps["adapt_student"]
+            out["teacher_adapted"] = [
+                adapted_maps[f"adapt_teacher{t}"] for t in range(len(teacher_features))
+            ]
         if self.reconstruction:
             out["reconstruction"] = [
                 d(c) for d, c in zip(decoders, out["teacher_common"], strict=True)

@@ -1,5 +1,6 @@
 """MCL-OKD's peers: M ResNets of one architecture, each with a linear embedding head on its
-pooled features (``papers/mcl-okd-multi-view-contrastive.md``, Sec. 3, Fig. 1). Network-based
+pooled features (Yang et al., "Multi-view Contrastive Learning for Online Knowledge
+Distillation", Sec. 3, Fig. 1). Network-based
 (independent networks) or branch-based (the stem and first stages shared as one trunk, as in
 ONE and CL-ILR). The last peer is the leader, the network kept for deployment."""
 

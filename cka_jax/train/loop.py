@@ -1,9 +1,14 @@
 """The training loop shared by teacher training and every amalgamation method.
 
 `fit` runs the one train step over a seeded, resumable batch order; fetches metrics from the
-device every `log_every` steps (no host sync per step); checks every loss term for NaN/inf
-before any checkpoint is written; evaluates at each epoch end; checkpoints every
-`checkpoint_every` steps and at the end; and resumes from the newest loadable checkpoint.
+device every `log_every` steps (no host sync per step); every `diagnose_every` steps logs what
+each loss term contributes (`cka_jax.diagnostics`, a separate jitted function, so the step
+itself is unchanged); checks every loss term for NaN/inf before any checkpoint is written;
+evaluates at each epoch end; checkpoints every `checkpoint_every` steps and at the end; and
+resumes from the newest loadable checkpoint.
+
+Model selection never looks at the test set: ``evaluate`` (test accuracy) only reports. The
+kept model is the final one, or, with ``select``, the best by that label-free score.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ class NonFiniteLossError(FloatingPointError):
 @dataclasses.dataclass
 class FitResult:
     variables: dict  # the final student variables (host numpy)
-    history: list[dict]  # one evaluation per epoch
-    best_acc: float | None
+    history: list[dict]  # one evaluation per evaluated epoch
+    selected: dict | None  # {'epoch', 'step', 'score'} of the kept model (score None: final)
+    diagnostics: list[dict]  # the per-term diagnostics, one dict per logged step
     wall_s: float
 
 
@@ -115,20 +121,25 @@ def fit(
     log_every: int = 50,
     checkpoint_every: int = 0,
     keep_checkpoints: int = 3,
-    best_dir=None,
-    best_meta: dict | None = None,
+    selected_dir=None,
+    selected_meta: dict | None = None,
+    select: Callable[[dict], float] | None = None,
     deploy: Callable[[dict], dict] | None = None,
     eval_every: int = 1,
+    diagnose_every: int = 0,
 ) -> FitResult:
     """Trains ``spec.student`` (and heads) on ``split``; resumes from ``run_dir``.
 
     Args:
-      evaluate: student variables -> metrics dict with 'merged_acc' (or 'acc'); run at
-        every ``eval_every``-th epoch end and the last. The best student by that accuracy is
-        saved to ``best_dir``.
+      evaluate: student variables -> metrics dict (test accuracies); run at every
+        ``eval_every``-th epoch end and the last. Reported only: it never chooses a model.
+      selected_dir: where the kept model is saved: the final one, or with ``select`` (student
+        variables -> a label-free score, higher is better; run at the same epoch ends) the
+        best by that score.
       checkpoint_every: steps between checkpoints (0 = at each epoch end); always at the end.
       deploy: trained variables -> the variables of the model that is kept (MCL-OKD's leader
-        of its peers); what ``best_dir`` and the result hold. ``evaluate`` sees them all.
+        of its peers); what ``selected_dir`` and the result hold. ``evaluate`` sees them all.
+      diagnose_every: steps between per-term diagnostics (0 = none).
     """
     deploy = deploy or (lambda variables: variables)
     run_dir = Path(run_dir)
@@ -145,10 +156,12 @@ def fit(
     checkpoint_every = checkpoint_every or steps_per_epoch
     state = create_train_state(spec, student_variables, teacher_variables, jax.random.key(seed))
     checkpoints = RunCheckpoints(run_dir / "checkpoints", max_to_keep=keep_checkpoints)
-    meta = {"history": [], "best_acc": None}
+    meta = {"history": [], "selected": None, "diagnostics": []}
     restored = checkpoints.restore_latest(jax.device_get(state))
     if restored is not None:
         state, meta = restored
+        meta.setdefault("selected", None)
+        meta.setdefault("diagnostics", [])
         log.info("%s: resuming from step %d", name, int(state.step))
     start = int(state.step)
     metrics_log = MetricsLog(run_dir, start, enabled=is_primary())
@@ -157,6 +170,7 @@ def fit(
     rows = runner.local_rows(batch_size)
 
     pending: list[tuple[int, dict]] = []
+    pending_diagnostics: list[tuple[int, dict]] = []
     t_start = time.time()
     t_window, steps_window = time.time(), 0
 
@@ -176,22 +190,57 @@ def fit(
                         f"{checkpoints.directory}. Lower the learning rate or check the inputs."
                     )
             metrics_log.write(step, values)
+        for step, values in jax.device_get(pending_diagnostics):
+            values = {k: round(float(v), 6) for k, v in values.items()}
+            metrics_log.write(step, values)
+            meta["diagnostics"].append({"step": step, **values})
         last_step, last = pending[-1][0], {k: float(v) for k, v in fetched[-1].items()}
         elapsed = time.time() - t_window
         rate = steps_window * batch_size / max(elapsed, 1e-9)
         eta = (total_steps - last_step) * batch_size / max(rate, 1e-9)
         terms = " ".join(f"{k[5:]} {v:.4f}" for k, v in last.items() if k.startswith("loss/"))
+        shares = ""
+        if pending_diagnostics:
+            latest = meta["diagnostics"][-1]
+            shares = " grad share " + " ".join(
+                f"{k[11:]} {v:.2f}" for k, v in latest.items() if k.startswith("grad_share/")
+            )
         log.info(
-            "[%s] step %d/%d epoch %d loss %.4f (%s) %.0f img/s ETA %s",
+            "[%s] step %d/%d epoch %d loss %.4f (%s)%s %.0f img/s ETA %s",
             name, last_step, total_steps, (last_step - 1) // steps_per_epoch + 1,
-            last["loss"], terms, rate, _format_eta(eta),
+            last["loss"], terms, shares, rate, _format_eta(eta),
         )  # fmt: skip
         pending.clear()
+        pending_diagnostics.clear()
         t_window, steps_window = time.time(), 0
+
+    def evaluate_and_select(done: int, epoch: int):
+        host = _student_variables(runner.get_state(state))
+        record = {"epoch": epoch, "step": done, **(evaluate(host) if evaluate else {})}
+        score = select(host) if select is not None else None
+        if score is not None:
+            record["selection_score"] = score
+        meta["history"].append(record)
+        scores = {k: v for k, v in record.items() if k not in ("epoch", "step")}
+        metrics_log.write(done, _scalars(scores, "eval/"))
+        log.info("[%s] epoch %d eval %s", name, epoch, _rounded(record))
+        if selected_dir is None:
+            return
+        final = done == total_steps
+        improved = score is not None and (
+            meta["selected"] is None or score > meta["selected"]["score"]
+        )
+        if improved or (select is None and final):
+            meta["selected"] = {"epoch": epoch, "step": done, "score": score}
+            save_model(selected_dir, deploy(host), selected_meta or {})
 
     try:
         for step in range(start, total_steps):
             batch = runner.put_batch(train_batch(split, batch_size, seed, step, rows))
+            if diagnose_every and (step + 1) % diagnose_every == 0:
+                # The step about to run, term by term (on its own state and batch).
+                diagnosis = runner.diagnose(state, teacher_variables, batch)
+                pending_diagnostics.append((step + 1, diagnosis))
             state, metrics = runner.step(state, teacher_variables, batch)
             pending.append((step + 1, metrics))
             steps_window += 1
@@ -200,21 +249,8 @@ def fit(
             if len(pending) >= log_every or epoch_end or done == total_steps:
                 flush()
             epoch = done // steps_per_epoch
-            if (
-                epoch_end
-                and evaluate is not None
-                and (epoch % eval_every == 0 or done == total_steps)
-            ):
-                host_state = runner.get_state(state)
-                result = evaluate(_student_variables(host_state))
-                acc = result.get("merged_acc", result.get("acc"))
-                meta["history"].append({"epoch": epoch, "step": done, **result})
-                scalars = _scalars(result, "eval/")
-                metrics_log.write(done, scalars)
-                log.info("[%s] epoch %d eval %s", name, epoch, result)
-                if best_dir is not None and (meta["best_acc"] is None or acc > meta["best_acc"]):
-                    meta["best_acc"] = acc
-                    save_model(best_dir, deploy(_student_variables(host_state)), best_meta or {})
+            if epoch_end and (epoch % eval_every == 0 or done == total_steps):
+                evaluate_and_select(done, epoch)
             if done % checkpoint_every == 0 or done == total_steps:
                 flush()
                 checkpoints.save(done, runner.get_state(state), meta)
@@ -226,6 +262,16 @@ def fit(
     return FitResult(
         variables=deploy(_student_variables(final)),
         history=meta["history"],
-        best_acc=meta["best_acc"],
+        selected=meta["selected"],
+        diagnostics=meta["diagnostics"],
         wall_s=time.time() - t_start,
     )
+
+
+def _rounded(value, digits: int = 2):
+    """Numbers rounded for the log (nested dicts too)."""
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, float):
+        return round(value, digits)
+    return value

@@ -19,7 +19,8 @@ from cka_jax import losses, okd
 AMALGAMATION_METHODS = ("kd", "cfl", "cka", "cka_intra", "cka_inter")
 PEER_METHODS = ("independent", "dml", "mcl_okd", "mcl_okd_kd")
 TRAINED_METHODS = (*AMALGAMATION_METHODS, "supervised", *PEER_METHODS)
-INTER_KINDS = ("euclidean", "cosine", "mmd")
+INTER_KINDS = losses.DISTANCE_KINDS
+INTER_FEATURES = ("backbone", "adapted")  # what Eqs. 5-6 compare (see `inter_features`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,10 +33,12 @@ class Method:
     projection: bool = False
     uses_teachers: bool = True
     peers: bool = False  # the student is `PeerNetworks`; the terms see every peer
+    adapted_maps: bool = False  # the heads output the adapted (pre-pooling) feature maps
 
     def __hash__(self):  # part of the StepSpec that keys the compiled-step cache
         return hash((self.name, tuple(sorted(self.weights.items())), self.common_space,
-                     self.projection, self.uses_teachers, self.peers))  # fmt: skip
+                     self.projection, self.uses_teachers, self.peers,
+                     self.adapted_maps))  # fmt: skip
 
     @property
     def two_views(self) -> bool:
@@ -69,11 +72,17 @@ def build_method(name: str, loss_cfg: ml_collections.ConfigDict) -> Method:
             "intra": loss_cfg.intra_weight if name != "cka_inter" else 0.0,
             "inter": loss_cfg.inter_weight if name != "cka_intra" else 0.0,
             "align": loss_cfg.align_weight,
-            "kd": loss_cfg.std_weight,
+            "std": loss_cfg.std_weight,
             "recon": loss_cfg.recon_weight,
         }
         weights = _nonzero(weights)
-        return Method(name, weights, common_space="cka", projection="intra" in weights)
+        return Method(
+            name,
+            weights,
+            common_space="cka",
+            projection="intra" in weights,
+            adapted_maps="inter" in weights and loss_cfg.inter_features == "adapted",
+        )
     if name == "supervised":
         return Method(name, {"ce": 1.0}, uses_teachers=False)
     if name in PEER_METHODS:
@@ -109,16 +118,42 @@ def term_kd(o, cfg):
     return losses.soft_target_kl(o["logits"], teacher_logits, temperature=cfg.kd_temperature)
 
 
+def term_std(o, cfg):
+    """CKA's soft-target term (Eq. 11), in the KL direction ``loss.std_direction``."""
+    teacher_logits = jnp.concatenate(o["teacher_logits"], axis=-1)
+    return losses.soft_target_kl(
+        o["logits"], teacher_logits, temperature=cfg.kd_temperature, direction=cfg.std_direction
+    )
+
+
 def term_intra(o, cfg):
-    return losses.intra_contrast(o["projection"], o["projection_view2"], margin=cfg.margin)
+    return losses.intra_contrast(
+        o["projection"], o["projection_view2"], margin=cfg.margin, reduction=cfg.intra_reduction
+    )
+
+
+def inter_features(o, cfg):
+    """``(student, [teachers])`` feature maps that Eqs. 5-6 compare: the backbones' last
+    stage (``loss.inter_features='backbone'``) or the 1x1-adapted 256-channel maps of the
+    common space (``'adapted'``: every model's P has the same c x h x w, as Eq. 5 has it)."""
+    if cfg.inter_features == "adapted":
+        return o["student_adapted"], o["teacher_adapted"]
+    return o["features"], o["teacher_features"]
+
+
+def transport_kwargs(cfg) -> dict:
+    """The Eq. 5 reading of the loss config: distance kind, temperature and scale."""
+    return dict(
+        kind=cfg.inter_kind, temperature=cfg.inter_temperature, normalize=cfg.inter_normalize
+    )
 
 
 def term_inter(o, cfg):
+    student, teachers = inter_features(o, cfg)
+    kwargs = transport_kwargs(cfg)
     return sum(
-        losses.inter_contrast(
-            o["features"], f, kind=cfg.inter_kind, temperature=cfg.inter_temperature
-        )
-        for f in o["teacher_features"]
+        losses.inter_contrast(student, t, **kwargs, reduction=cfg.inter_reduction)
+        for t in teachers
     )
 
 
@@ -159,6 +194,7 @@ LOSS_TERMS = {
     "mutual_kl": term_mutual_kl,
     "contrast": term_contrast,
     "kd": term_kd,
+    "std": term_std,
     "intra": term_intra,
     "inter": term_inter,
     "align": term_align,
@@ -166,8 +202,13 @@ LOSS_TERMS = {
 }
 
 
+def loss_terms(method: Method, outputs, loss_cfg) -> dict:
+    """``{term_k: value}`` over the method's terms (unweighted)."""
+    return {name: LOSS_TERMS[name](outputs, loss_cfg) for name in method.weights}
+
+
 def total_loss(method: Method, outputs, loss_cfg):
     """Returns ``(sum_k w_k * term_k, {term_k: value})`` over the method's terms."""
-    terms = {name: LOSS_TERMS[name](outputs, loss_cfg) for name in method.weights}
+    terms = loss_terms(method, outputs, loss_cfg)
     total = sum(method.weights[name] * value for name, value in terms.items())
     return total, terms
