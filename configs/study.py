@@ -1,10 +1,20 @@
 """The reproduction study's experiments (docs/results.md), one per config argument.
 
-    python -m cka_jax.main --config=configs/study.py:hard --workdir=runs/study/hard/seed_0
+    python -m cka_jax.main --config=configs/study.py:cifar10 --workdir=runs/study/cifar10/seed_0 \
+        --config.data.root=~/data/cifar10
 
-`scripts/reproduce.py` runs all of them over 3 seeds and writes the tables and figures.
+`scripts/reproduce.py` runs them over seeds and writes the tables and figures.
 
-Arguments (``<experiment>`` or ``<experiment>,<dataset>``):
+Natural images (the study that leads docs/results.md; data paths are config fields):
+  cifar10     Table 2 on CIFAR-10 (an image folder, ``data.root``): two teachers on 5 + 5
+              classes, each trained on 10% of its task's labelled images; plus the Table 3
+              variants the diagnostics single out (docs/method.md): Eq. 5 at the first
+              version's reading (l2, T = 1: inert maps) and as written (raw features, T = 1),
+              and CKA-Inter with the cosine and MMD distances.
+  cifar10_t4  4 teachers (3 + 3 + 2 + 2 classes) on CIFAR-10: ensemble, KD, CKA.
+  fmnist      Table 2 on Fashion-MNIST (IDX files, ``data.root``): two teachers on 5 + 5.
+
+Embedded MNIST (``<experiment>`` or ``<experiment>,<dataset>``):
   base       Table 2 on the embedded default's recipe: teachers on 25% of their digits.
   hard       Table 2 with weaker teachers (10% of their digits, as in the paper's setting of
              specialists trained on small labelled sets), plus the Table 3 ablations.
@@ -12,7 +22,7 @@ Arguments (``<experiment>`` or ``<experiment>,<dataset>``):
              dataset); KD and CKA students, and CKA students of half and double width.
   teachers3  CFL Table 6: 3 teachers on disjoint digit splits (4|3|3 digits).
   teachers4  4 teachers (3|3|2|2 digits).
-  okd        MCL-OKD (papers/mcl-okd-multi-view-contrastive.md): 4 peer networks trained
+  okd        MCL-OKD (Yang et al., multi-view contrastive online KD): 4 peer networks trained
              with labels on 50 digits per class; the network trained alone, 4 independent
              peers, DML, MCL-OKD, MCL-OKD with KD from the two teachers (its Table 4), and
              branch-based independent peers and MCL-OKD (its Table 2).
@@ -28,7 +38,9 @@ study fits in an hour on a 2-core CPU. configs/default.py is the same recipe at 
 
 import importlib
 
-from cka_jax.config import model_config
+from cka_jax.config import base_config, model_config
+from cka_jax.data import augment_config, default_source_config
+from cka_jax.data.idx import FASHION_MNIST_CLASS_NAMES
 
 TABLE2_METHODS = ("supervised", "kd", "cfl", "cka_intra", "cka_inter", "cka")
 
@@ -50,7 +62,21 @@ def student_sizes(width: int) -> dict:
     }
 
 
-EXPERIMENTS = ("base", "hard", "hetero", "teachers3", "teachers4", "okd")
+MNIST_EXPERIMENTS = ("base", "hard", "hetero", "teachers3", "teachers4", "okd")
+NATURAL_EXPERIMENTS = ("cifar10", "cifar10_t4", "fmnist")
+EXPERIMENTS = NATURAL_EXPERIMENTS + MNIST_EXPERIMENTS
+# The readings of Eq. 5 that the diagnostics single out: the first version's (inert maps)
+# and the paper's literal one (raw features, T = 1), and Table 3's inter distances.
+NATURAL_ABLATIONS = {
+    "cka_l2_t1": dict(method="cka", loss=dict(inter_normalize="l2", inter_temperature=1.0)),
+    "cka_raw_t1": dict(method="cka", loss=dict(inter_normalize="none", inter_temperature=1.0)),
+    "cka_inter_cosine": dict(method="cka_inter", loss=dict(inter_kind="cosine")),
+    "cka_inter_mmd": dict(method="cka_inter", loss=dict(inter_kind="mmd")),
+}
+# Study scale on natural images (measured to fit the whole study in 2 hours on 2 cores).
+NATURAL_SCALE = dict(
+    width=8, train_per_class=2000, epochs=2, teacher_fraction=0.1, teacher_epochs=12
+)
 OKD_METHODS = ("supervised", "independent", "dml", "mcl_okd", "mcl_okd_kd")
 # Branch-based peers (MCL-OKD's Table 2; ONE's layout): the stem and first 3 of the 4 stages
 # shared, one branch per peer from the last stage on.
@@ -73,10 +99,66 @@ def mnist_study_config():
     return default
 
 
+def natural_config(source, augment, name: str):
+    """The natural-image study's recipe around ``source``: resnet10 teachers and student of
+    `NATURAL_SCALE` width on 10% of their task's labelled images; the student sees
+    `train_per_class` unlabelled images per class."""
+    scale = NATURAL_SCALE
+    c = base_config()
+    c.name = name
+    c.data = source
+    c.data.train_per_class = scale["train_per_class"]
+    c.augment = augment
+    c.teacher = model_config("resnet10", width=scale["width"], stem="small")
+    c.student = model_config("resnet10", width=scale["width"], stem="small")
+    c.tasks.mode = "contiguous"
+    c.teacher_data_fraction = scale["teacher_fraction"]
+    c.teacher_epochs = scale["teacher_epochs"]
+    c.epochs = scale["epochs"]
+    c.batch_size = 64
+    c.eval_batch_size = 500
+    c.optimizer.learning_rate = 2e-3
+    c.teacher_optimizer.learning_rate = 2e-3
+    c.loss.kd_temperature = 4.0
+    c.log_every = 100
+    c.methods = TABLE2_METHODS
+    return c
+
+
+def cifar10_source(root="~/data/cifar10"):
+    source = default_source_config("image_folder")
+    source.update(root=root, image_size=32, resize="stretch", channels=3)
+    return source
+
+
+def fashion_mnist_source(root="/usr/share/datasets/fashion-mnist"):
+    source = default_source_config("idx")
+    source.update(root=root, class_names=FASHION_MNIST_CLASS_NAMES)
+    return source
+
+
+def natural_experiment(experiment: str):
+    if experiment == "fmnist":
+        c = natural_config(fashion_mnist_source(), augment_config("mnist"), "Fashion-MNIST")
+        c.augment.flip = True  # clothes, unlike digits, have no handedness
+        return c
+    c = natural_config(cifar10_source(), augment_config("cifar"), "CIFAR-10")
+    if experiment == "cifar10":
+        c.variants = NATURAL_ABLATIONS
+        c.methods = TABLE2_METHODS + tuple(NATURAL_ABLATIONS)
+    else:  # cifar10_t4
+        c.tasks.num_tasks = 4
+        c.methods = ("kd", "cka")
+    c.name = f"study: {experiment}"
+    return c
+
+
 def get_config(arg="base"):
     experiment, _, dataset = arg.partition(",")
     if experiment not in EXPERIMENTS:
         raise ValueError(f"unknown study experiment {experiment!r}; valid: {EXPERIMENTS}")
+    if experiment in NATURAL_EXPERIMENTS:
+        return natural_experiment(experiment)
     if dataset:
         c = importlib.import_module(f"configs.{dataset}").get_config()
     else:

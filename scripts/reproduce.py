@@ -1,8 +1,11 @@
 """Runs the reproduction study (configs/study.py) over seeds and writes its tables and figures.
 
-    python scripts/reproduce.py                       # everything: 5 experiments x 3 seeds
-    python scripts/reproduce.py --only=base --seeds=0 # one experiment, one seed
-    python scripts/reproduce.py --dataset=dogs        # the same study on a prepared paper dataset
+    # natural images: CIFAR-10 (Table 2 + readings, 4 teachers) and Fashion-MNIST, 5 seeds
+    python scripts/reproduce.py --cifar10=~/data/cifar10 \
+        --fashion_mnist=/usr/share/datasets/fashion-mnist
+    python scripts/reproduce.py --study=mnist         # the embedded-MNIST study, 3 seeds
+    python scripts/reproduce.py --study=mnist --only=base --seeds=0  # one experiment, one seed
+    python scripts/reproduce.py --study=mnist --dataset=dogs  # on a prepared paper dataset
 
 Each (experiment, seed) is one `python -m cka_jax.main` process with its own workdir
 (`<workdir>/<experiment>/seed_<s>`), so a killed study resumes where it stopped and a finished
@@ -36,7 +39,15 @@ from configs import study  # noqa: E402
 
 SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 # Longest first, so the last runs of a parallel study overlap.
-ORDER = ("okd", "hard", "hetero", "base", "teachers4", "teachers3")
+ORDER = ("cifar10", "fmnist", "cifar10_t4", "okd", "hard", "hetero", "base", "teachers4",
+         "teachers3")  # fmt: skip
+STUDIES = {
+    "natural": dict(experiments=study.NATURAL_EXPERIMENTS, seeds="0,1,2,3,4",
+                    out="docs/results/natural", workdir="runs/study_natural"),
+    "mnist": dict(experiments=study.MNIST_EXPERIMENTS, seeds="0,1,2",
+                  out="docs/results/mnist", workdir="runs/study"),
+}  # fmt: skip
+DATA_FLAGS = {"cifar10": "cifar10", "cifar10_t4": "cifar10", "fmnist": "fashion_mnist"}
 
 
 def study_arg(experiment: str, dataset: str) -> str:
@@ -68,6 +79,9 @@ def run_one(experiment, seed, args, repo: Path) -> dict:
         f"--workdir={workdir}",
         *[f"--config.{override}" for override in args.set],
     ]  # fmt: skip
+    data_flag = DATA_FLAGS.get(experiment)
+    if data_flag and getattr(args, data_flag):
+        command.append(f"--config.data.root={Path(getattr(args, data_flag)).expanduser()}")
     start = time.time()
     with open(workdir / "log.txt", "a") as log:
         code = subprocess.call(command, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -79,11 +93,14 @@ def run_one(experiment, seed, args, repo: Path) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", default="runs/study")
-    parser.add_argument("--out", default="docs/results")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--only", default=",".join(study.EXPERIMENTS))
-    parser.add_argument("--dataset", default="", help="dogs | cars | cub | aircraft")
+    parser.add_argument("--study", default="natural", choices=sorted(STUDIES))
+    parser.add_argument("--workdir", default=None, help="default: runs/study_<study>")
+    parser.add_argument("--out", default=None, help="default: docs/results/<study>")
+    parser.add_argument("--seeds", default=None, help="default: 0-4 (natural), 0-2 (mnist)")
+    parser.add_argument("--only", default=None, help="comma-separated experiments of the study")
+    parser.add_argument("--cifar10", default="", help="CIFAR-10 image folder (train/, test/)")
+    parser.add_argument("--fashion_mnist", default="", help="folder of the 4 IDX files")
+    parser.add_argument("--dataset", default="", help="mnist study: dogs | cars | cub | aircraft")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--report_only", action="store_true", help="tables/figures only")
     parser.add_argument(
@@ -91,11 +108,19 @@ def main():
         help="config override for every run, e.g. --set=epochs=1 (a quick smoke test)",
     )  # fmt: skip
     args = parser.parse_args()
+    chosen = STUDIES[args.study]
+    args.workdir = args.workdir or chosen["workdir"]
+    args.out = args.out or chosen["out"]
+    args.seeds = args.seeds or chosen["seeds"]
+    args.only = args.only or ",".join(chosen["experiments"])
     repo = Path(__file__).resolve().parents[1]
     experiments = [e for e in ORDER if e in args.only.split(",")]
-    unknown = set(args.only.split(",")) - set(study.EXPERIMENTS)
+    unknown = set(args.only.split(",")) - set(chosen["experiments"])
     if unknown:
-        parser.error(f"unknown experiments {sorted(unknown)}; valid: {study.EXPERIMENTS}")
+        parser.error(
+            f"unknown experiments {sorted(unknown)} for --study={args.study}; "
+            f"valid: {chosen['experiments']}"
+        )
     seeds = [int(s) for s in args.seeds.split(",")]
 
     start = time.time()

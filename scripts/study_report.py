@@ -1,11 +1,14 @@
 """Tables and figures of the reproduction study, from the runs' results.json / metrics.jsonl.
 
 Writes into ``out``:
-  tables.md                 Table 2 (per setting), Table 3, Table 4, more teachers, wall times
+  tables.md                 Table 2 (per setting), Table 3, Table 4, more teachers, wall times;
+                            every row's paired difference to Vanilla KD with its 95%
+                            t-interval, and the smallest difference the design can detect
   study.json                every row of every seed, the runs' wall times, the machine
   accuracy_vs_epoch.png     merged test accuracy after each epoch, mean over seeds
   table2_bars.png           the Table 2 analogues with +-1 std error bars
   tsne_common_space.png     t-SNE of student and teacher features in the learned common space
+  gradient_shares.png       CKA's per-term gradient shares over training (natural study)
 """
 
 from __future__ import annotations
@@ -39,7 +42,15 @@ LABELS = {
     "cka_inter": "CKA-Inter",
     "cka": "CKA",
 }
-SETTINGS = {"base": "teachers on 25% of their digits", "hard": "teachers on 10% of their digits"}
+SETTINGS = {
+    "base": "teachers on 25% of their digits",
+    "hard": "teachers on 10% of their digits",
+    "cifar10": "CIFAR-10, 2 teachers",
+    "cifar10_t4": "CIFAR-10, 4 teachers",
+    "fmnist": "Fashion-MNIST, 2 teachers",
+}
+POWER = 0.8  # of the minimum detectable difference
+ALPHA = 0.05
 
 
 def label(method: str) -> str:
@@ -72,8 +83,8 @@ def ordered(summary: dict, order) -> list[str]:
     return out
 
 
-def paired_delta(rows: list[dict], method: str, reference: str = "kd"):
-    """Mean and std over seeds of ``merged(method) - merged(reference)`` on the same seed.
+def paired_diffs(rows: list[dict], method: str, reference: str = "kd") -> list[float]:
+    """``merged(method) - merged(reference)`` on each seed both ran.
 
     Each seed has its own teachers, so the spread across seeds is mostly the teachers'; the
     paired difference removes it and is what tells two methods apart."""
@@ -81,18 +92,45 @@ def paired_delta(rows: list[dict], method: str, reference: str = "kd"):
     for r in rows:
         by_seed.setdefault(r["method"], {})[r["seed"]] = r["merged_acc"]
     if method not in by_seed or reference not in by_seed:
-        return None, None
+        return []
     seeds = sorted(set(by_seed[method]) & set(by_seed[reference]))
-    diffs = [by_seed[method][s] - by_seed[reference][s] for s in seeds]
-    if not diffs:
-        return None, None
-    return float(np.mean(diffs)), float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0
+    return [by_seed[method][s] - by_seed[reference][s] for s in seeds]
+
+
+def paired_stats(diffs: list[float]) -> dict | None:
+    """Mean, sample std, the 95% t-interval of the mean paired difference, and the minimum
+    detectable difference: the true mean difference a paired two-sided t-test at level
+    ALPHA finds with probability POWER, given this std and n,
+    ``(t_{1-ALPHA/2, n-1} + t_{POWER, n-1}) * sd / sqrt(n)``."""
+    from scipy import stats
+
+    n = len(diffs)
+    if n < 2:
+        return None
+    mean, sd = float(np.mean(diffs)), float(np.std(diffs, ddof=1))
+    se = sd / np.sqrt(n)
+    half = float(stats.t.ppf(1 - ALPHA / 2, n - 1) * se)
+    mde = float((stats.t.ppf(1 - ALPHA / 2, n - 1) + stats.t.ppf(POWER, n - 1)) * se)
+    return {"n": n, "mean": mean, "sd": sd, "ci": (mean - half, mean + half), "mde": mde}
+
+
+def verdict(st: dict | None) -> str:
+    """'higher' / 'lower' when the 95% interval excludes 0, else 'cannot be told apart'."""
+    if st is None:
+        return "-"
+    low, high = st["ci"]
+    if low > 0:
+        return "higher"
+    if high < 0:
+        return "lower"
+    return "cannot be told apart"
 
 
 def table(summary: dict, names, *, titles=None, rows=None, reference="kd") -> str:
     task_names = list(summary[names[0]]["task_acc_mean"])
-    delta = f"Δ vs {label(reference)} (paired)"
-    header = ["Method", "Params", "Merged", *([delta] if rows else []), *task_names]
+    ref = label(reference)
+    paired = [f"Δ vs {ref} (paired)", "95% interval", "detectable Δ"] if rows else []
+    header = ["Method", "Params", "Merged", *paired, "Routing", *task_names]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, name in enumerate(names):
         s = summary[name]
@@ -100,8 +138,16 @@ def table(summary: dict, names, *, titles=None, rows=None, reference="kd") -> st
         cells = [titles[i] if titles else label(name), report.params_text(s["params"])]
         cells.append(report.cell(s["merged_acc_mean"], s["merged_acc_std"], n))
         if rows:
-            mean, std = paired_delta(rows, name, reference)
-            cells.append("-" if mean is None or name == reference else f"{mean:+.2f} ± {std:.2f}")
+            st = paired_stats(paired_diffs(rows, name, reference)) if name != reference else None
+            if st is None:
+                cells += ["-", "-", "-"]
+            else:
+                cells += [
+                    f"{st['mean']:+.2f} ± {st['sd']:.2f}",
+                    f"[{st['ci'][0]:+.2f}, {st['ci'][1]:+.2f}]",
+                    f"{st['mde']:.2f}",
+                ]
+        cells.append(report.cell(s.get("routing_acc_mean"), s.get("routing_acc_std"), n))
         cells += [report.cell(s["task_acc_mean"][t], s["task_acc_std"][t], n) for t in task_names]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -132,14 +178,17 @@ def okd_table(summary: dict, rows) -> str:
 
 
 def table3(summary: dict, rows) -> str:
+    """Ablations and readings: each row against full CKA's Table 2 neighbours (paired)."""
     return titled_table(
         summary,
         [
-            ("CKA (all terms, Eq. 12)", "cka"),
+            ("CKA (all terms, Eq. 12; Eq. 5 as chosen: mean-scaled, T = 0.2)", "cka"),
             ("without intra-model contrast (= CKA-Inter)", "cka_inter"),
             ("without inter-model contrast (= CKA-Intra)", "cka_intra"),
             ("without alignment (MMD, Eq. 6)", "cka_no_align"),
             ("without reconstruction guard", "cka_no_recon"),
+            ("Eq. 5 as first implemented: l2 features, T = 1 (inert maps)", "cka_l2_t1"),
+            ("Eq. 5 as written: raw features, T = 1", "cka_raw_t1"),
             ("CKA-Inter, euclidean distance", "cka_inter"),
             ("CKA-Inter, cosine distance", "cka_inter_cosine"),
             ("CKA-Inter, MMD distance", "cka_inter_mmd"),
@@ -180,6 +229,59 @@ def teachers_table(summaries: dict) -> str:
             cells.append(report.cell(s["merged_acc_mean"], s["merged_acc_std"], len(s["seeds"])))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def table2_section(exp: str, summaries: dict, rows: dict) -> str:
+    return f"## Table 2 analogue, `{exp}` ({SETTINGS[exp]})\n\n" + table(
+        summaries[exp], ordered(summaries[exp], TABLE2), rows=rows[exp]
+    )
+
+
+def natural_sections(summaries: dict, rows: dict) -> list[str]:
+    sections = [table2_section(e, summaries, rows) for e in ("cifar10", "fmnist") if e in summaries]
+    if "cifar10" in summaries and "cka_l2_t1" in summaries["cifar10"]:
+        sections.append(
+            "## Table 3 analogue: Eq. 5's readings and the inter distances (`cifar10`)\n\n"
+            + table3(summaries["cifar10"], rows["cifar10"])
+        )
+    if "cifar10_t4" in summaries:
+        sections.append(
+            "## Four teachers (`cifar10_t4`)\n\n"
+            + table(summaries["cifar10_t4"], ordered(summaries["cifar10_t4"], TABLE2),
+                    rows=rows["cifar10_t4"])  # fmt: skip
+        )
+        if "cifar10" in summaries:
+            sections.append(
+                "## More teachers on CIFAR-10\n\n"
+                + teachers_table({2: summaries["cifar10"], 4: summaries["cifar10_t4"]})
+            )
+    return sections
+
+
+def mnist_sections(summaries: dict, rows: dict, suffix: str) -> list[str]:
+    sections = [table2_section(e, summaries, rows) for e in ("base", "hard") if e in summaries]
+    if "hard" in summaries and "cka_no_align" in summaries["hard"]:
+        sections.append(
+            "## Table 3 analogue: ablations (`hard`)\n\n" + table3(summaries["hard"], rows["hard"])
+        )
+    if "hetero" in summaries:
+        cfg = study.get_config("hetero" + suffix)
+        sections.append(
+            "## Table 4 analogue: heterogeneous teachers, students of three sizes (`hetero`)"
+            "\n\n" + table4(summaries["hetero"], cfg, rows["hetero"])
+        )
+    if "okd" in summaries:
+        sections.append(
+            "## MCL-OKD: online distillation among 4 peers (`okd`, 50 labelled digits per "
+            "class)\n\n" + okd_table(summaries["okd"], rows["okd"])
+        )
+    counts = {2: "hard", 3: "teachers3", 4: "teachers4"}
+    more = {n: summaries[e] for n, e in counts.items() if e in summaries}
+    if len(more) > 1:
+        sections.append(
+            "## More teachers (CFL Table 6), weak-teacher setting\n\n" + teachers_table(more)
+        )
+    return sections
 
 
 # --- figures ------------------------------------------------------------------------------
@@ -245,6 +347,8 @@ def common_space_features(workdir: Path, experiment_arg: str, seed: int, method_
     cfg = study.get_config(experiment_arg)
     cfg.seeds, cfg.tasks.seed = (seed,), seed
     base = run_dir(workdir, experiment_arg.split(",")[0], seed)
+    if "root" in cfg.data:  # where the run read its data (e.g. --cifar10=DIR)
+        cfg.data.root = json.loads((base / "config.json").read_text())["data"]["root"]
     taskset, dataset = experiment.prepare_data(cfg)
     teachers = [
         experiment.checkpoint.load_model(base / "teachers" / name)[:2] for name in taskset.names
@@ -306,6 +410,40 @@ def plot_tsne(workdir, out: Path, experiment_arg: str, seed: int, method_names):
     plt.close(fig)
 
 
+def plot_gradient_shares(workdir: Path, out: Path, experiment: str, seeds, method="cka"):
+    """Each CKA term's share of the student's gradient against the step, mean over seeds."""
+    per_seed = []
+    for seed in seeds:
+        path = run_dir(workdir, experiment, seed) / "runs" / method / f"seed_{seed}"
+        path = path / "metrics.jsonl"
+        if path.exists():
+            lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            per_seed.append([x for x in lines if any(k.startswith("grad_share/") for k in x)])
+    per_seed = [p for p in per_seed if p]
+    if not per_seed:
+        return
+    length = min(len(p) for p in per_seed)
+    steps = [x["step"] for x in per_seed[0][:length]]
+    terms = sorted(k.removeprefix("grad_share/") for k in per_seed[0][0] if "grad_share/" in k)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for term in terms:
+        share = np.mean([[x[f"grad_share/{term}"] for x in p[:length]] for p in per_seed], 0)
+        ax.plot(steps, share, marker=".", label=term)
+    ax.axhline(0.05, color="k", ls=":", lw=1, label="5%")
+    ax.set(
+        title=f"{label(method)} on {experiment}: share of the student's gradient, "
+        f"mean over {len(per_seed)} seeds",
+        xlabel="step",
+        ylabel="|w_k grad term_k| / sum",
+        ylim=(0, 1),
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "gradient_shares.png", dpi=110)
+    plt.close(fig)
+
+
 # --- the report ---------------------------------------------------------------------------
 
 
@@ -340,35 +478,12 @@ def write(workdir, out, *, experiments, seeds, runs, study_wall_s, command, data
     ran_by = "; ".join(f"`{c['command']}` ({c['wall_s'] / 60:.1f} min)" for c in commands)
     sections = [
         f"Commands: {ran_by}. Seeds {seeds}; accuracy in % on the union test set, "
-        "mean ± sample std over seeds."
+        "mean ± sample std over seeds. Δ: the paired difference to Vanilla KD on the same "
+        f"seed (mean ± std), its 95% t-interval, and the smallest true difference a paired "
+        f"t-test at 5% detects with {POWER:.0%} power given that spread."
     ]
-    for exp in ("base", "hard"):
-        if exp in summaries:
-            sections.append(
-                f"## Table 2 analogue, `{exp}` ({SETTINGS[exp]})\n\n"
-                + table(summaries[exp], ordered(summaries[exp], TABLE2), rows=rows[exp])
-            )
-    if "hard" in summaries and "cka_no_align" in summaries["hard"]:
-        sections.append(
-            "## Table 3 analogue: ablations (`hard`)\n\n" + table3(summaries["hard"], rows["hard"])
-        )
-    if "hetero" in summaries:
-        cfg = study.get_config("hetero" + suffix)
-        sections.append(
-            "## Table 4 analogue: heterogeneous teachers, students of three sizes (`hetero`)"
-            "\n\n" + table4(summaries["hetero"], cfg, rows["hetero"])
-        )
-    if "okd" in summaries:
-        sections.append(
-            "## MCL-OKD: online distillation among 4 peers (`okd`, 50 labelled digits per "
-            "class)\n\n" + okd_table(summaries["okd"], rows["okd"])
-        )
-    counts = {2: "hard", 3: "teachers3", 4: "teachers4"}
-    more = {n: summaries[e] for n, e in counts.items() if e in summaries}
-    if len(more) > 1:
-        sections.append(
-            "## More teachers (CFL Table 6), weak-teacher setting\n\n" + teachers_table(more)
-        )
+    sections += natural_sections(summaries, rows)
+    sections += mnist_sections(summaries, rows, suffix)
     walls = [r for r in runs if r.get("wall_s")]
     if walls:
         lines = ["| Experiment | Seed | Wall (s) |", "|---|---|---|"]
@@ -384,11 +499,14 @@ def write(workdir, out, *, experiments, seeds, runs, study_wall_s, command, data
         "summaries": summaries,
     }
     previous.write_text(json.dumps(study_json, indent=1, sort_keys=True))
-    table2 = [e for e in ("base", "hard") if e in summaries]
+    table2 = [e for e in ("cifar10", "fmnist", "base", "hard") if e in summaries]
     if table2:
         plot_curves(workdir, out, table2, seeds, summaries)
         plot_bars(out, summaries, table2)
-    if "hard" in summaries:
-        present = [m for m in ("cfl", "cka") if m in summaries["hard"]]
+    tsne = next((e for e in ("cifar10", "hard") if e in summaries), None)
+    if tsne:
+        present = [m for m in ("cfl", "cka") if m in summaries[tsne]]
         if present:
-            plot_tsne(workdir, out, "hard" + suffix, seeds[0], present)
+            plot_tsne(workdir, out, tsne + ("" if tsne == "cifar10" else suffix), seeds[0], present)
+    if "cifar10" in summaries:
+        plot_gradient_shares(workdir, out, "cifar10", seeds)
