@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cka_jax.distributed import barrier, is_primary
+from cka_jax.files import write_json_atomic
 from cka_jax.models import create_model
 
 MODEL_FILE = "model.json"
@@ -31,13 +32,6 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not fit what the config asks for."""
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def model_from_meta(meta: dict, **kwargs):

@@ -8,25 +8,46 @@ config_flags already rejects unknown `--config.x=...` overrides.
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
-from cka_jax.data import augment_config, default_source_config
-from cka_jax.distributed import distributed_config
-from cka_jax.losses import DISTANCE_SCALES, KL_DIRECTIONS, REDUCTIONS
-from cka_jax.models import ARCHITECTURES
-from cka_jax.train.methods import INTER_FEATURES, INTER_KINDS, PEER_METHODS, TRAINED_METHODS
-from cka_jax.train.step import PARALLELISM
+from cka_jax import methods
+from cka_jax.choices import (
+    COMPUTE_DTYPES,
+    DISTANCE_KINDS,
+    DISTANCE_SCALES,
+    INTER_FEATURES,
+    KL_DIRECTIONS,
+    PARALLELISM,
+    REDUCTIONS,
+    SELECTION_CRITERIA,
+    STEMS,
+)
+from cka_jax.data.presets import augment_config
+from cka_jax.data.sources import default_source_config
+from cka_jax.models.catalog import ARCHITECTURE_STAGES
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
-SELECTION_CRITERIA = ("final", "teacher_agreement")
 # The loss fields that name a choice, and their valid values.
 LOSS_CHOICES = {
-    "inter_kind": INTER_KINDS,
+    "inter_kind": DISTANCE_KINDS,
     "inter_normalize": DISTANCE_SCALES,
     "inter_features": INTER_FEATURES,
     "intra_reduction": REDUCTIONS,
     "inter_reduction": REDUCTIONS,
     "std_direction": KL_DIRECTIONS,
 }
+
+
+def distributed_config() -> ml_collections.ConfigDict:
+    """``config.distributed`` (`cka_jax.distributed`): None fields come from the environment
+    or JAX's detection."""
+    return ml_collections.ConfigDict(
+        dict(
+            initialize=False,  # True (or JAX_COORDINATOR_ADDRESS set) joins the processes
+            coordinator_address=placeholder(str),  # "host:port" of process 0
+            num_processes=placeholder(int),
+            process_id=placeholder(int),
+        )
+    )
 
 
 def model_config(arch="resnet18", width=64, stem="imagenet", checkpoint="", finetune=False):
@@ -38,6 +59,45 @@ def model_config(arch="resnet18", width=64, stem="imagenet", checkpoint="", fine
     """
     fields = dict(arch=arch, width=width, stem=stem, checkpoint=checkpoint, finetune=finetune)
     return ml_collections.ConfigDict(fields)
+
+
+def loss_config() -> ml_collections.ConfigDict:
+    """``config.loss``: every term's weight and reading, with the papers' values."""
+    return ml_collections.ConfigDict(
+        dict(
+            kd_temperature=1.0,
+            margin=0.4,  # alpha of Eq. 3
+            intra_weight=1.0,
+            inter_weight=1.0,
+            align_weight=10.0,
+            std_weight=1.0,
+            # Reconstruction guard of the teacher-side common-space heads (CFL Eq. 4).
+            recon_weight=10.0,
+            cfl_weight=10.0,  # CFL: soft target + 10 * (MMD + reconstruction)
+            inter_kind="euclidean",  # Table 3: 'euclidean' | 'cosine' | 'mmd'
+            # The readings of the CKA paper's ambiguous equations, chosen by measurement
+            # (docs/method.md): with l2-normalised features at T = 1 the transport maps
+            # are near uniform and the inter term moves nothing.
+            inter_temperature=0.2,  # T of Eq. 5
+            inter_normalize="mean",  # Eq. 5's distance scale: 'l2' | 'none' | 'mean'
+            inter_features="backbone",  # what Eqs. 5-6 compare: 'backbone' | 'adapted'
+            intra_reduction="mean",  # over Eq. 3's negatives: 'mean' | 'sum'
+            inter_reduction="mean",  # over Eq. 6's negatives: 'mean' | 'sum'
+            # Eq. 11's KL: 'teacher_student' (Hinton's KD) | 'student_teacher' (as written).
+            # CKA's soft-target term only; `kd` and `cfl` keep Hinton's direction.
+            std_direction="teacher_student",
+            # MCL-OKD (the peer methods), its paper's defaults (Sec. 4.1).
+            okd_temperature=3.0,  # T of Eqs. 3-5, ensemble -> leader
+            contrast_weight=0.025,  # beta of Eq. 12
+            nce_temperature=0.1,  # tau of Eq. 6
+            nce_negatives=16384,  # S of Eq. 10, capped by the training-set size
+            # One uniform draw of S negatives per view pair and step, shared by the batch
+            # (a matmul); False draws S per anchor as CRD's code does (a (B, S, d) gather).
+            nce_shared_negatives=True,
+            memory_momentum=0.5,  # of the memory bank's rows (CRD's value)
+            mutual_weight=1.0,  # DML's mutual KL
+        )
+    )
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -80,41 +140,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 256
     c.eval_every = 1  # epochs between test evaluations (and best-model checks); always the last
     c.optimizer = ml_collections.ConfigDict(dict(learning_rate=5e-4, weight_decay=5e-4))
-    c.loss = ml_collections.ConfigDict(
-        dict(
-            kd_temperature=1.0,
-            margin=0.4,  # alpha of Eq. 3
-            intra_weight=1.0,
-            inter_weight=1.0,
-            align_weight=10.0,
-            std_weight=1.0,
-            # Reconstruction guard of the teacher-side common-space heads (CFL Eq. 4).
-            recon_weight=10.0,
-            cfl_weight=10.0,  # CFL: soft target + 10 * (MMD + reconstruction)
-            inter_kind="euclidean",  # Table 3: 'euclidean' | 'cosine' | 'mmd'
-            # The readings of the CKA paper's ambiguous equations, chosen by measurement
-            # (docs/method.md): with l2-normalised features at T = 1 the transport maps
-            # are near uniform and the inter term moves nothing.
-            inter_temperature=0.2,  # T of Eq. 5
-            inter_normalize="mean",  # Eq. 5's distance scale: 'l2' | 'none' | 'mean'
-            inter_features="backbone",  # what Eqs. 5-6 compare: 'backbone' | 'adapted'
-            intra_reduction="mean",  # over Eq. 3's negatives: 'mean' | 'sum'
-            inter_reduction="mean",  # over Eq. 6's negatives: 'mean' | 'sum'
-            # Eq. 11's KL: 'teacher_student' (Hinton's KD) | 'student_teacher' (as written).
-            # CKA's soft-target term only; `kd` and `cfl` keep Hinton's direction.
-            std_direction="teacher_student",
-            # MCL-OKD (the peer methods), its paper's defaults (Sec. 4.1).
-            okd_temperature=3.0,  # T of Eqs. 3-5, ensemble -> leader
-            contrast_weight=0.025,  # beta of Eq. 12
-            nce_temperature=0.1,  # tau of Eq. 6
-            nce_negatives=16384,  # S of Eq. 10, capped by the training-set size
-            # One uniform draw of S negatives per view pair and step, shared by the batch
-            # (a matmul); False draws S per anchor as CRD's code does (a (B, S, d) gather).
-            nce_shared_negatives=True,
-            memory_momentum=0.5,  # of the memory bank's rows (CRD's value)
-            mutual_weight=1.0,  # DML's mutual KL
-        )
-    )
+    c.loss = loss_config()
     # The peer methods' students: `peers.num_peers` copies of `student` (the last is the
     # leader, the one deployed), each with a linear `embed_dim` embedding for the contrast.
     # `shared_stages` > 0 makes them branch-based: the stem and that many stages are shared.
@@ -128,9 +154,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Which model a label-free run keeps (and exports): the final one, or the best by
     # agreement with the teachers' union argmax on `holdout_fraction` of the training images,
     # then held out of every student's training. The test set only reports.
-    c.selection = ml_collections.ConfigDict(
-        dict(criterion="final", holdout_fraction=0.1)
-    )
+    c.selection = ml_collections.ConfigDict(dict(criterion="final", holdout_fraction=0.1))
     c.log_every = 50
     # Every log_every steps, each loss term's gradient share on the student and the inter
     # term's transport-map peakedness (cka_jax.diagnostics), by a separate jitted function.
@@ -155,10 +179,10 @@ def _check_keys(cfg, reference, path=""):
 
 
 def _check_model(m, what):
-    if m.arch not in ARCHITECTURES:
-        raise ValueError(f"{what}.arch={m.arch!r} is not one of {sorted(ARCHITECTURES)}")
-    if m.stem not in ("imagenet", "small"):
-        raise ValueError(f"{what}.stem={m.stem!r}: use 'imagenet' or 'small'")
+    if m.arch not in ARCHITECTURE_STAGES:
+        raise ValueError(f"{what}.arch={m.arch!r} is not one of {sorted(ARCHITECTURE_STAGES)}")
+    if m.stem not in STEMS:
+        raise ValueError(f"{what}.stem={m.stem!r}: use one of {STEMS}")
 
 
 def resolve_method(cfg, name: str):
@@ -192,7 +216,7 @@ def _check_loss_choices(loss, where: str):
 
 
 def _check_peers(peers, arch: str, where: str):
-    stages = len(ARCHITECTURES[arch][0])
+    stages = len(ARCHITECTURE_STAGES[arch])
     if peers.num_peers < 2 or peers.embed_dim < 1 or not 0 <= peers.shared_stages < stages:
         raise ValueError(
             f"{where} needs num_peers >= 2, embed_dim >= 1 and 0 <= shared_stages < "
@@ -204,11 +228,13 @@ def _check_variants(cfg):
     allowed = {"method": None, "loss": cfg.loss, "student": cfg.student, "peers": cfg.peers}
     for name, variant in cfg.variants.items():
         where = f"config.variants.{name}"
-        if name in TRAINED_METHODS:
-            raise ValueError(f"{where}: the name is a built-in method; choose another name")
-        if variant.get("method") not in TRAINED_METHODS:
+        if name in methods.METHODS:
             raise ValueError(
-                f"{where}.method={variant.get('method')!r}; valid: {', '.join(TRAINED_METHODS)}"
+                f"{where}: the name is a built-in method or a registered one; choose another"
+            )
+        if variant.get("method") not in methods.METHODS:
+            raise ValueError(
+                f"{where}.method={variant.get('method')!r}; valid: {', '.join(methods.METHODS)}"
             )
         for key, value in variant.items():
             if key not in allowed:
@@ -230,17 +256,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first wrong field and the valid choices."""
     _check_keys(cfg, base_config())
     _check_variants(cfg)
-    bad = [m for m in cfg.methods if m not in TRAINED_METHODS and m not in cfg.variants]
+    bad = [m for m in cfg.methods if m not in methods.METHODS and m not in cfg.variants]
     if bad:
         raise ValueError(
             f"unknown method(s) {bad} in config.methods; valid methods are "
-            f"{', '.join(TRAINED_METHODS)} or a name in config.variants "
+            f"{', '.join(methods.METHODS)} or a name in config.variants "
             f"({', '.join(cfg.variants.keys()) or 'none defined'}); teacher and ensemble rows "
             "are always reported"
         )
     for name in cfg.methods:
-        base, _, student = resolve_method(cfg, name)
-        if base in PEER_METHODS and student.checkpoint:
+        base, loss, student = resolve_method(cfg, name)
+        if methods.build_method(base, loss).peers and student.checkpoint:
             raise ValueError(
                 f"method {name!r} trains its peers from scratch, but its student.checkpoint="
                 f"{student.checkpoint!r} is set; clear it for the peer methods"

@@ -2,7 +2,7 @@
 
 Every process runs the same program. `initialize` joins them into one JAX system before any
 computation; the 'mesh' parallelism then spans every process's devices, each process feeds
-its own rows of the global batch (`cka_jax.train.step.Runner.put_batch`), and XLA's
+its own rows of the global batch (`cka_jax.train.runtime.Runner.put_batch`), and XLA's
 collectives (gloo on CPU, NCCL on GPU, ICI on TPU) make every process compute the same
 step. Files in the workdir are written by process 0 only; orbax checkpoints are written by
 every process together. The workdir must be on a filesystem every process sees.
@@ -12,8 +12,9 @@ Launch (the same command on every host, with its own process id):
     JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0 \
         python -m cka_jax.main --config=... --workdir=/shared/run
 
-or set ``config.distributed`` (fields below). On Slurm, Open MPI and Cloud TPU, JAX finds
-the three values itself: ``--config.distributed.initialize=True`` is enough.
+or set ``config.distributed`` (`cka_jax.config.distributed_config`). On Slurm, Open MPI
+and Cloud TPU, JAX finds the three values itself: ``--config.distributed.initialize=True``
+is enough.
 """
 
 from __future__ import annotations
@@ -22,24 +23,10 @@ import logging
 import os
 
 import jax
-import ml_collections
-from ml_collections.config_dict import placeholder
 
 log = logging.getLogger(__name__)
 
 ENV_ADDRESS, ENV_COUNT, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
-
-
-def distributed_config() -> ml_collections.ConfigDict:
-    """``config.distributed``: None fields come from the environment or JAX's detection."""
-    return ml_collections.ConfigDict(
-        dict(
-            initialize=False,  # True (or JAX_COORDINATOR_ADDRESS set) joins the processes
-            coordinator_address=placeholder(str),  # "host:port" of process 0
-            num_processes=placeholder(int),
-            process_id=placeholder(int),
-        )
-    )
 
 
 class DistributedInitError(RuntimeError):
@@ -91,8 +78,11 @@ def initialize(dist_cfg) -> None:
         ) from err
     log.info(
         "process %d of %d; %d local / %d global devices",
-        jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
-    )  # fmt: skip
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
 
 
 def is_primary() -> bool:

@@ -12,11 +12,42 @@ enough for any union (the CFL authors' code cast labels to uint8 and dropped the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
+import jax
+import ml_collections
 import numpy as np
 
-from cka_jax.data import eval_batches
+from cka_jax.data import eval_batches, eval_kwargs, eval_preprocess
+
+
+class Scorer:
+    """Jitted eval-mode forward passes of one model over a test split (compiled once per
+    model and test transform). ``eval_logits`` puts a student kind's logits batch first
+    (`cka_jax.train.students`)."""
+
+    def __init__(self, model, aug_cfg, batch_size: int, eval_logits: Callable | None = None):
+        frozen = ml_collections.FrozenConfigDict(aug_cfg)
+        self.forward = _eval_forward(model, frozen, eval_logits or _identity)
+        self.batch_size = batch_size
+
+    def logits(self, variables, split) -> np.ndarray:
+        return predict(self.forward, variables, split, self.batch_size)
+
+
+def _identity(x):
+    return x
+
+
+@functools.cache
+def _eval_forward(model, aug_cfg, eval_logits):
+    kwargs = eval_kwargs(aug_cfg)
+
+    def forward(variables, images):
+        return eval_logits(model.apply(variables, eval_preprocess(images, **kwargs))[0])
+
+    return jax.jit(forward)
 
 
 def predict(forward: Callable, variables, split, batch_size: int) -> np.ndarray:

@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cka_jax.choices import DISTANCE_KINDS, DISTANCE_SCALES, KL_DIRECTIONS, REDUCTIONS
+
 __all__ = [
     "intra_contrast",
     "pairwise_distances",
@@ -53,10 +55,6 @@ __all__ = [
 DEFAULT_SIGMAS = (0.001, 0.01, 0.05, 0.1, 0.2, 1.0, 2.0)
 _NORM_EPS = 1e-12
 _HIGHEST = lax.Precision.HIGHEST
-DISTANCE_KINDS = ("euclidean", "cosine", "mmd")
-DISTANCE_SCALES = ("l2", "none", "mean")  # ``normalize`` of Eq. 5
-REDUCTIONS = ("mean", "sum")  # over the negatives of Eqs. 3 and 6
-KL_DIRECTIONS = ("teacher_student", "student_teacher")  # Eq. 11
 
 
 # --------------------------------------------------------------------------- helpers

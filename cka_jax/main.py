@@ -14,8 +14,10 @@ from ml_collections import config_flags
 
 from cka_jax import distributed, experiment
 from cka_jax.checkpoint import CheckpointError
+from cka_jax.config import distributed_config
 from cka_jax.data import DataNotFoundError, DataPreparationError
 from cka_jax.train.loop import NonFiniteLossError
+from cka_jax.workdir import WorkdirError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).")
@@ -28,7 +30,7 @@ USER_ERRORS = (
     DataPreparationError,
     CheckpointError,
     NonFiniteLossError,
-    experiment.WorkdirError,
+    WorkdirError,
     distributed.DistributedInitError,
     ValueError,
     PermissionError,
@@ -41,7 +43,7 @@ def main(argv):
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
     try:
         # Before any JAX computation: join the other processes when asked to.
-        distributed.initialize(FLAGS.config.get("distributed", distributed.distributed_config()))
+        distributed.initialize(FLAGS.config.get("distributed", distributed_config()))
         table = experiment.run(FLAGS.config, FLAGS.workdir)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)

@@ -82,9 +82,13 @@ def multi_view_contrast(embeddings, memory, index, negative_index, *, temperatur
         for b in range(m):
             if a != b:
                 total = total + nce_contrast(
-                    embeddings[a], memory[b], index, negative_index[a, b],
-                    temperature=temperature, num_data=num_data,
-                )  # fmt: skip
+                    embeddings[a],
+                    memory[b],
+                    index,
+                    negative_index[a, b],
+                    temperature=temperature,
+                    num_data=num_data,
+                )
     return total
 
 
@@ -139,27 +143,3 @@ def mutual_kl(logits, *, temperature: float = 1.0) -> jax.Array:
         for j in range(m)
         if i != j
     )
-
-
-def mcl_okd_objective(
-    logits, labels, embeddings, memory, index, negative_index, *,
-    kd_temperature: float = 3.0, beta: float = 0.025, temperature: float = 0.1, num_data: int,
-):  # fmt: skip
-    r"""MCL-OKD's training objective (Eq. 12) over M peers; the last peer is the leader.
-
-        L = sum_m CE(p_m, y)                                         (Eqs. 1-2)
-          + T^2 KL( softmax(mean_m f_m / T) || softmax(f_M / T) )    (Eqs. 3-5)
-          + beta * sum_{a != b} L(a->b)                              (Eqs. 6-11, full graph)
-
-    ``logits`` (M, B, C), ``labels`` (B,), ``embeddings`` (M, B, d), ``memory`` (M, N, d),
-    ``index`` (B,) the samples' dataset indices, ``negative_index`` (M, M, [B,] S). The train
-    step composes the same three terms by name (`cka_jax.train.methods`, method 'mcl_okd').
-    Returns ``(total, {term: value})``.
-    """
-    ce = peer_cross_entropy(logits, labels)
-    kl = ensemble_to_leader_kl(logits, temperature=kd_temperature)
-    contrast = multi_view_contrast(
-        embeddings, memory, index, negative_index, temperature=temperature, num_data=num_data
-    )
-    terms = {"ce": ce, "kl": kl, "contrast": contrast}
-    return ce + kl + beta * contrast, terms

@@ -8,8 +8,36 @@ from pathlib import Path
 
 import numpy as np
 
-from cka_jax.checkpoint import write_json_atomic
+from cka_jax import checkpoint, evaluate
 from cka_jax.distributed import is_primary
+from cka_jax.files import write_json_atomic
+from cka_jax.models.build import param_count
+
+
+def teacher_rows(cfg, teachers, taskset, dataset) -> list[dict]:
+    """The report's rows for each teacher alone and for their ensemble."""
+    teacher_logits = [
+        evaluate.Scorer(model, cfg.augment, cfg.eval_batch_size).logits(variables, dataset.test)
+        for model, variables in teachers
+    ]
+    rows = evaluate.teacher_rows(teacher_logits, dataset.test.labels, taskset)
+    counts = [param_count(v) for _, v in teachers]
+    for row, n in zip(rows, [*counts, sum(counts)], strict=True):
+        row.update(seed=None, params=n)
+    return rows
+
+
+def export_student(workdir: Path, candidates: list[dict]) -> None:
+    """Copies one amalgamated student to workdir/student/: among the result rows of the
+    label-free runs (in ``config.methods`` and seed order), the best by the label-free
+    selection score when they have one, else the first. Test accuracy plays no part."""
+    if not candidates:
+        return
+    scored = [r for r in candidates if r["selection"]["score"] is not None]
+    best = max(scored, key=lambda r: r["selection"]["score"]) if scored else candidates[0]
+    src = Path(workdir) / "runs" / best["method"] / f"seed_{best['seed']}" / "selected"
+    _, variables, meta = checkpoint.load_model(src)
+    checkpoint.save_model(Path(workdir) / "student", variables, meta)
 
 
 def _mean_std(values):

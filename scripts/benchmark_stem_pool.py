@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-import benchmark  # noqa: E402
+from cka_jax.bench import step_benchmark as benchmark  # noqa: E402
 
 
 def main(argv=None):
@@ -27,7 +27,7 @@ def main(argv=None):
     import numpy as np
 
     from cka_jax.models import resnet
-    from cka_jax.train import step
+    from cka_jax.train import runtime
 
     defaults = ["--teacher=resnet18", "--student=resnet18", "--image_size=64", "--method=kd"]
     args = benchmark.parse_args(defaults + list(argv if argv is not None else sys.argv[1:]))
@@ -38,7 +38,7 @@ def main(argv=None):
     resnet.max_pool_3x3_s2 = lambda x: nn.max_pool(
         x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))
     )
-    step._step_function.cache_clear()
+    runtime.clear_compiled_steps()
     try:
         variants["reduce_window"] = benchmark.StepTimer(args, devices)
     finally:

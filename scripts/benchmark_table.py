@@ -26,9 +26,14 @@ SCRIPT = Path(__file__).resolve().parent / "benchmark.py"
 R18 = ["--teacher=resnet18", "--student=resnet18", "--image_size=64"]
 # The embedded default's shapes (configs/default.py): resnet10 width 16, 28 px digits.
 DEFAULT = [
-    "--teacher=resnet10", "--student=resnet10", "--width=16", "--stem=small",
-    "--image_size=28", "--channels=3", "--classes_per_teacher=5",
-]  # fmt: skip
+    "--teacher=resnet10",
+    "--student=resnet10",
+    "--width=16",
+    "--stem=small",
+    "--image_size=28",
+    "--channels=3",
+    "--classes_per_teacher=5",
+]
 
 GRIDS = {
     "methods": [

@@ -39,14 +39,31 @@ from configs import study  # noqa: E402
 
 SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 # Longest first, so the last runs of a parallel study overlap.
-ORDER = ("cifar10", "fmnist", "cifar10_t4", "okd", "hard", "hetero", "base", "teachers4",
-         "teachers3")  # fmt: skip
+ORDER = (
+    "cifar10",
+    "fmnist",
+    "cifar10_t4",
+    "okd",
+    "hard",
+    "hetero",
+    "base",
+    "teachers4",
+    "teachers3",
+)
 STUDIES = {
-    "natural": dict(experiments=study.NATURAL_EXPERIMENTS, seeds="0,1,2,3,4",
-                    out="docs/results/natural", workdir="runs/study_natural"),
-    "mnist": dict(experiments=study.MNIST_EXPERIMENTS, seeds="0,1,2",
-                  out="docs/results/mnist", workdir="runs/study"),
-}  # fmt: skip
+    "natural": dict(
+        experiments=study.NATURAL_EXPERIMENTS,
+        seeds="0,1,2,3,4",
+        out="docs/results/natural",
+        workdir="runs/study_natural",
+    ),
+    "mnist": dict(
+        experiments=study.MNIST_EXPERIMENTS,
+        seeds="0,1,2",
+        out="docs/results/mnist",
+        workdir="runs/study",
+    ),
+}
 DATA_FLAGS = {"cifar10": "cifar10", "cifar10_t4": "cifar10", "fmnist": "fashion_mnist"}
 
 
@@ -72,13 +89,15 @@ def run_one(experiment, seed, args, repo: Path) -> dict:
     if args.jobs > 1:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + SINGLE_THREAD_XLA).strip()
     command = [
-        sys.executable, "-m", "cka_jax.main",
+        sys.executable,
+        "-m",
+        "cka_jax.main",
         f"--config=configs/study.py:{study_arg(experiment, args.dataset)}",
         f"--config.seeds=({seed},)",
         f"--config.tasks.seed={seed}",
         f"--workdir={workdir}",
         *[f"--config.{override}" for override in args.set],
-    ]  # fmt: skip
+    ]
     data_flag = DATA_FLAGS.get(experiment)
     if data_flag and getattr(args, data_flag):
         command.append(f"--config.data.root={Path(getattr(args, data_flag)).expanduser()}")
@@ -104,9 +123,12 @@ def main():
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--report_only", action="store_true", help="tables/figures only")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="FIELD=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
         help="config override for every run, e.g. --set=epochs=1 (a quick smoke test)",
-    )  # fmt: skip
+    )
     args = parser.parse_args()
     chosen = STUDIES[args.study]
     args.workdir = args.workdir or chosen["workdir"]

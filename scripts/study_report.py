@@ -13,6 +13,7 @@ Writes into ``out``:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -25,11 +26,12 @@ import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cka_jax import experiment, report  # noqa: E402
+from cka_jax import checkpoint, experiment, methods, report, teachers  # noqa: E402
 from cka_jax.config import resolve_method  # noqa: E402
+from cka_jax.data import eval_kwargs, eval_preprocess  # noqa: E402
 from cka_jax.models import create_model  # noqa: E402
-from cka_jax.train import methods  # noqa: E402
 from cka_jax.train.step import build_heads  # noqa: E402
+from cka_jax.train.students import PeerStudent  # noqa: E402
 from configs import study  # noqa: E402
 
 TABLE2 = ("supervised", "teachers", "ensemble", "kd", "cfl", "cka_intra", "cka_inter", "cka")
@@ -172,7 +174,8 @@ def okd_table(summary: dict, rows) -> str:
         ("independent_branch", "Branch-based: 4 independent branches"),
         ("mcl_okd_branch", "Branch-based: MCL-OKD"),
     ):
-        entries += [(f"{title}: leader", name), (f"{title}: ensemble", f"{name}:ensemble")]
+        ensemble = name + PeerStudent.ENSEMBLE_SUFFIX
+        entries += [(f"{title}: leader", name), (f"{title}: ensemble", ensemble)]
     entries += [(f"Teacher {t + 1}", f"teacher:task{t}") for t in range(2)]
     return titled_table(summary, entries, rows, reference="supervised")
 
@@ -198,10 +201,10 @@ def table3(summary: dict, rows) -> str:
 
 
 def table4(summary: dict, cfg, rows) -> str:
-    teachers = experiment.teacher_model_configs(cfg, len(cfg.teachers))
+    models = teachers.teacher_model_configs(cfg, len(cfg.teachers))
     entries = [
         (f"Teacher {t + 1} ({m.arch}, width {m.width})", f"teacher:task{t}")
-        for t, m in enumerate(teachers)
+        for t, m in enumerate(models)
     ]
     entries += [("Ensemble", "ensemble"), (f"Vanilla KD (student width {cfg.student.width})", "kd")]
     widths = {"cka": cfg.student.width, **{n: v.student.width for n, v in cfg.variants.items()}}
@@ -247,8 +250,11 @@ def natural_sections(summaries: dict, rows: dict) -> list[str]:
     if "cifar10_t4" in summaries:
         sections.append(
             "## Four teachers (`cifar10_t4`)\n\n"
-            + table(summaries["cifar10_t4"], ordered(summaries["cifar10_t4"], TABLE2),
-                    rows=rows["cifar10_t4"])  # fmt: skip
+            + table(
+                summaries["cifar10_t4"],
+                ordered(summaries["cifar10_t4"], TABLE2),
+                rows=rows["cifar10_t4"],
+            )
         )
         if "cifar10" in summaries:
             sections.append(
@@ -350,12 +356,10 @@ def common_space_features(workdir: Path, experiment_arg: str, seed: int, method_
     if "root" in cfg.data:  # where the run read its data (e.g. --cifar10=DIR)
         cfg.data.root = json.loads((base / "config.json").read_text())["data"]["root"]
     taskset, dataset = experiment.prepare_data(cfg)
-    teachers = [
-        experiment.checkpoint.load_model(base / "teachers" / name)[:2] for name in taskset.names
-    ]
+    frozen = [checkpoint.load_model(base / "teachers" / name)[:2] for name in taskset.names]
     method_base, loss_cfg, student_cfg = resolve_method(cfg, method_name)
     method = methods.build_method(method_base, loss_cfg)
-    heads = build_heads(method, tuple(m for m, _ in teachers))
+    heads = build_heads(method, tuple(m for m, _ in frozen))
     student = create_model(
         student_cfg.arch, taskset.num_classes, stem=student_cfg.stem, width=student_cfg.width
     )
@@ -365,13 +369,13 @@ def common_space_features(workdir: Path, experiment_arg: str, seed: int, method_
     )["state"]
     manager.close()
     student_vars = {"params": state["params"]["student"], "batch_stats": state["batch_stats"]}
-    preprocess = experiment.make_preprocess(cfg.augment)
+    preprocess = functools.partial(eval_preprocess, **eval_kwargs(cfg.augment))
 
     @jax.jit
     def forward(images):
         x = preprocess(images)
         s_feat = student.apply(student_vars, x)[1]
-        t_feats = [m.apply(v, x)[1] for m, v in teachers]
+        t_feats = [m.apply(v, x)[1] for m, v in frozen]
         common = heads.apply({"params": state["params"]["heads"]}, s_feat, t_feats)
         pool = lambda f: f.mean(axis=(1, 2)) if f.ndim == 4 else f
         return [pool(common["student_common"])] + [pool(f) for f in common["teacher_common"]]
@@ -397,8 +401,17 @@ def plot_tsne(workdir, out: Path, experiment_arg: str, seed: int, method_names):
         for k in range(len(features)):
             who = "student" if k == 0 else f"teacher {k}"
             part = embedded[k * n : (k + 1) * n]
-            ax.scatter(*part.T, c=labels, cmap="tab10", vmin=0, vmax=9, s=9, marker=markers[k],
-                       alpha=0.7, label=who)  # fmt: skip
+            ax.scatter(
+                *part.T,
+                c=labels,
+                cmap="tab10",
+                vmin=0,
+                vmax=9,
+                s=9,
+                marker=markers[k],
+                alpha=0.7,
+                label=who,
+            )
         ax.set(title=f"{label(method)}: common space (t-SNE), {experiment_arg} seed {seed}")
         ax.set_xticks([])
         ax.set_yticks([])

@@ -31,12 +31,12 @@ def all_methods_run(tmp_path_factory):
     The peer methods run 2 branch-based peers sharing all but the last stage (the cheapest;
     network-based peers are exercised by the step tests)."""
     from cka_jax import experiment
-    from cka_jax.train.methods import TRAINED_METHODS
+    from cka_jax.methods import BUILT_IN_METHODS
     from tests import tiny_config
 
     cfg = tiny_config.get_config()
     # Every method but `independent`: DML without its mutual term, nothing of its own to test.
-    cfg.methods = tuple(m for m in TRAINED_METHODS if m != "independent")
+    cfg.methods = tuple(m for m in BUILT_IN_METHODS if m != "independent")
     cfg.loss.inter_kind = "mmd"
     cfg.peers.num_peers = 2
     cfg.peers.shared_stages = 3

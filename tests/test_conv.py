@@ -25,8 +25,10 @@ def test_im2col_matches_xla_convolution_and_its_gradient(size, kernel, stride, c
         )
 
     np.testing.assert_allclose(_im2col_conv(x, w, stride, pad), reference(x, w), atol=1e-4)
-    grads = [jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) ** 2), (0, 1))(x, w)
-             for f in (lambda x, w: _im2col_conv(x, w, stride, pad), reference)]  # fmt: skip
+    grads = [
+        jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) ** 2), (0, 1))(x, w)
+        for f in (lambda x, w: _im2col_conv(x, w, stride, pad), reference)
+    ]
     for got, want in zip(*grads, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
 

@@ -267,7 +267,7 @@ def test_brightness_jitter_scales_each_image_by_one_factor_in_range():
 def test_hue_matches_colorsys():
     x = np.random.default_rng(0).random((300, 3)).astype(np.float32)
     x[:3] = x[:3, :1]  # gray pixels have no hue
-    got = np.asarray(jax.jit(aug._adjust_hue)(jnp.asarray(x), 0.13))
+    got = np.asarray(jax.jit(aug.adjust_hue)(jnp.asarray(x), 0.13))
     want = [
         colorsys.hsv_to_rgb((h + 0.13) % 1, s, v)
         for h, s, v in (colorsys.rgb_to_hsv(*p) for p in x)
@@ -279,7 +279,7 @@ def test_blur_matches_reflect_padded_convolution():
     rng = np.random.default_rng(0)
     img = rng.random((10, 10, 2)).astype(np.float32)
     sigma, k = 1.3, 5
-    got = np.asarray(jax.jit(aug._blur, static_argnums=2)(jnp.asarray(img), sigma, k))
+    got = np.asarray(jax.jit(aug.blur, static_argnums=2)(jnp.asarray(img), sigma, k))
     taps = np.exp(-0.5 * (np.arange(-2, 3) / sigma) ** 2)
     taps /= taps.sum()
     want = np.pad(img, ((2, 2), (0, 0), (0, 0)), mode="reflect")
@@ -299,7 +299,7 @@ def test_resample_matches_jax_scale_and_translate():
             img, (out, out, 3), (0, 1), scale, translation, method="linear", antialias=True
         )
 
-    resample = jax.jit(lambda *a: aug._resample(a[0], out, *a[1:]))
+    resample = jax.jit(lambda *a: aug.resample(a[0], out, *a[1:]))
 
     # Upsampling a small box, and shrinking the whole image (antialiased).
     for y0, x0, h, w in [(3.0, 5.0, 11.0, 7.0), (0.0, 0.0, 20.0, 24.0), (2.0, 1.0, 18.0, 23.0)]:

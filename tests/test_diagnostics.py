@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from cka_jax import diagnostics, losses
+from cka_jax.methods import Method
 from cka_jax.train import step as step_module
-from cka_jax.train.methods import Method
-from cka_jax.train.step import Runner
+from cka_jax.train.runtime import Runner
 from tests.test_step_parallel import build
 
 B = 6
@@ -69,7 +69,7 @@ def test_single_term_norm_is_the_steps_gradient_norm():
 def test_zero_weight_term_has_zero_share():
     spec, state, teacher_vars, batch = build("kd")
     # 'ce' in the sum with weight 0: computed, but it moves nothing.
-    method = Method("kd_ce0", {"kd": 1.0, "ce": 0.0})
+    method = Method("kd_ce0", (("kd", 1.0), ("ce", 0.0)), frozenset({"teachers", "labels"}))
     spec = spec.__class__(**{**spec.__dict__, "method": method})
     diag, *_ = _diagnose(spec, state, teacher_vars, batch)
     assert diag["grad_share/ce"] == 0.0 and diag["grad/ce"] == 0.0
@@ -103,7 +103,7 @@ def test_per_term_gradients_sum_to_the_step_gradient():
 
     def total(student_params):
         params = {**state.params, "student": student_params}
-        return step_module._loss_fn(params, state, teacher_vars, batch, spec, None)[0]
+        return step_module.loss_fn(params, state, teacher_vars, batch, spec)[0]
 
     whole = jax.jit(jax.grad(total))(state.params["student"])
     grads, _ = jax.jit(lambda s: step_module.term_gradients(s, teacher_vars, batch, spec))(state)

@@ -26,9 +26,7 @@ def test_routing_counts_predictions_inside_the_own_task():
     assert acc["merged_acc"] == pytest.approx(100 * 3 / 8)
     assert acc["routing_acc"] == pytest.approx(100 * 5 / 8)
     # Merged errors split into wrong-task (3) and wrong-class-in-task (2) images.
-    assert 100 - acc["merged_acc"] == pytest.approx(
-        (100 - acc["routing_acc"]) + 100 * 2 / 8
-    )
+    assert 100 - acc["merged_acc"] == pytest.approx((100 - acc["routing_acc"]) + 100 * 2 / 8)
 
 
 def test_task_accuracy_ignores_routing():

@@ -7,12 +7,16 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from cka_jax import experiment
 from cka_jax.checkpoint import load_model
+from cka_jax.methods import build_method
 from cka_jax.models import create_model, init_variables
-from cka_jax.train.methods import PEER_METHODS
+from cka_jax.train.spec import view_shape
 from tests import tiny_config
+
+pytestmark = pytest.mark.slow  # whole experiments
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,7 +76,8 @@ def test_report_has_every_row_in_the_documented_schema(all_methods_run):
     cfg, workdir, table = all_methods_run
     results = json.loads((workdir / "results.json").read_text())
     methods = [r["method"] for r in results["rows"]]
-    trained = [[m, f"{m}:ensemble"] if m in PEER_METHODS else [m] for m in cfg.methods]
+    peers = {m for m in cfg.methods if build_method(m, cfg.loss).peers}
+    trained = [[m, f"{m}:ensemble"] if m in peers else [m] for m in cfg.methods]
     assert methods == ["teacher:task0", "teacher:task1", "ensemble", *sum(trained, [])]
     for row in results["rows"]:
         assert set(row) >= {"method", "seed", "merged_acc", "task_acc", "routing_acc", "params"}
@@ -171,9 +176,7 @@ def test_a_method_variant_trains_its_own_student_beside_the_shared_teachers(
     wide = create_model("resnet10", 10, stem="small", width=8)
     expected = sum(
         x.size
-        for x in jax.tree.leaves(
-            init_variables(wide, 0, (1, *experiment.view_shape(cfg.augment)))["params"]
-        )
+        for x in jax.tree.leaves(init_variables(wide, 0, (1, *view_shape(cfg.augment)))["params"])
     )
     assert row["params"] == expected
     steps = read_metrics(tmp_path / "runs" / "kd_wide" / "seed_0" / "metrics.jsonl")

@@ -24,6 +24,7 @@ from cka_jax.checkpoint import (
     save_model,
 )
 from cka_jax.models import create_model, init_variables
+from cka_jax.workdir import WorkdirError
 from tests import tiny_config
 from tests.main_process import REPO, main_command
 
@@ -209,7 +210,7 @@ def test_tasks_that_overlap_or_leave_a_teacher_without_classes_are_refused(tmp_p
 def test_workdir_blocked_by_a_file_is_refused_before_any_work(tmp_path):
     (tmp_path / "file").write_text("x")
     for workdir in (tmp_path / "file", tmp_path / "file" / "run"):
-        with pytest.raises(experiment.WorkdirError, match=f"{tmp_path / 'file'} is a file"):
+        with pytest.raises(WorkdirError, match=f"{tmp_path / 'file'} is a file"):
             experiment.run(tiny(), workdir)
 
 
@@ -239,6 +240,7 @@ def test_unreadable_workdir_is_a_clear_cli_error_before_any_work(tmp_path):
 # --- a corrupt checkpoint in a real run ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_run_resumes_past_a_corrupt_newest_checkpoint_to_the_same_result(tmp_path, caplog):
     cfg = tiny(checkpoint_every=4)
     experiment.run(cfg, tmp_path)

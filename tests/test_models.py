@@ -1,11 +1,18 @@
-"""ResNet shapes and parameter counts against torchvision's published numbers."""
+"""ResNet shapes and parameter counts against torchvision's published numbers and models."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cka_jax.models import AmalgamationHeads, create_model, feature_channels, init_variables
+from cka_jax.models import (
+    ARCHITECTURES,
+    AmalgamationHeads,
+    create_model,
+    feature_channels,
+    init_variables,
+)
+from cka_jax.models.conv import IM2COL_MAX_OUTPUT_POSITIONS, Conv
 
 
 def param_count(tree):
@@ -30,6 +37,136 @@ def test_torchvision_parameter_counts_and_feature_shapes(name, params, channels)
     assert logits.shape == (2, 1000)
     assert features.shape == (2, 7, 7, channels)
     assert feature_channels(model) == channels
+
+
+# torchvision's deeper, wide and ResNeXt models: (name, parameters, 3x3 conv2 weight of
+# layer1.0 as torch shapes it (out, in / groups, 3, 3)).
+NEW_ARCHS = [
+    ("resnet101", 44_549_160, (64, 64, 3, 3)),
+    ("resnet152", 60_192_808, (64, 64, 3, 3)),
+    ("wide_resnet50_2", 68_883_240, (128, 128, 3, 3)),
+    ("wide_resnet101_2", 126_886_696, (128, 128, 3, 3)),
+    ("resnext50_32x4d", 25_028_904, (128, 4, 3, 3)),
+    ("resnext101_32x8d", 88_791_336, (256, 8, 3, 3)),
+]
+
+
+@pytest.mark.parametrize("name, params, conv2_shape", NEW_ARCHS)
+def test_deep_wide_and_resnext_match_torchvision_parameters_and_shapes(name, params, conv2_shape):
+    import torch  # torchvision's model is the reference (the [port] extra)
+    import torchvision
+
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        reference = getattr(torchvision.models, name)(weights=None, num_classes=1000)
+    assert sum(p.numel() for p in reference.parameters()) == params
+    model = create_model(name, 1000)
+    variables = abstract_init(model, (1, 64, 64, 3))
+    assert param_count(variables["params"]) == params
+    # Every tensor has torchvision's shape (OIHW -> HWIO for convolutions).
+    torch_shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    kernel = variables["params"]["layer1_0"]["conv2"]["kernel"].shape
+    assert (kernel[3], kernel[2], kernel[0], kernel[1]) == conv2_shape
+    assert torch_shapes["layer1.0.conv2.weight"] == conv2_shape
+    last = f"layer4_{ARCHITECTURES[name].stage_sizes[-1] - 1}"
+    for conv_name in ("conv1", "conv2", "conv3"):
+        h, w, i, o = variables["params"][last][conv_name]["kernel"].shape
+        torch_name = f"layer4.{ARCHITECTURES[name].stage_sizes[-1] - 1}.{conv_name}.weight"
+        assert (o, i, h, w) == torch_shapes[torch_name], torch_name
+    logits, features = jax.eval_shape(
+        lambda v: model.apply(v, jnp.zeros((2, 64, 64, 3))), variables
+    )
+    assert logits.shape == (2, 1000)
+    assert features.shape == (2, 2, 2, 2048)
+    assert feature_channels(model) == 2048
+
+
+def test_architectures_agree_with_the_catalog_the_config_reads():
+    from cka_jax.models.catalog import ARCHITECTURE_STAGES
+
+    assert {k: v.stage_sizes for k, v in ARCHITECTURES.items()} == ARCHITECTURE_STAGES
+
+
+@pytest.mark.parametrize(
+    "name, width, inner",
+    [("resnext50_32x4d", 32, 64), ("wide_resnet50_2", 16, 32), ("resnet50", 16, 16)],
+)
+def test_width_scales_wide_and_resnext_nets_with_torchvisions_formula(name, width, inner):
+    model = create_model(name, 3, width=width)
+    params = abstract_init(model, (1, 32, 32, 3))["params"]
+    groups = ARCHITECTURES[name].groups
+    assert params["conv1"]["kernel"].shape == (7, 7, 3, width)
+    assert params["layer1_0"]["conv2"]["kernel"].shape == (3, 3, inner // groups, inner)
+    assert params["layer1_0"]["conv3"]["kernel"].shape == (1, 1, inner, 4 * width)
+    assert feature_channels(model) == 8 * width * 4
+
+
+def test_too_narrow_resnext_and_grouped_basic_blocks_are_clear_errors():
+    with pytest.raises(ValueError, match=r"width=8 is too small for resnext50_32x4d.*at least 16"):
+        create_model("resnext50_32x4d", 10, width=8)
+    with pytest.raises(ValueError, match="width must be >= 1"):
+        create_model("resnet18", 10, width=0)
+    from cka_jax.models.resnet import BasicBlock, ResNet
+
+    model = ResNet(stage_sizes=(1,), block=BasicBlock, num_classes=2, groups=2)
+    with pytest.raises(ValueError, match="BasicBlock supports only groups=1"):
+        abstract_init(model, (1, 16, 16, 3))
+
+
+@pytest.mark.parametrize(
+    "size, stride, groups, cin, cout",
+    [(2, 1, 4, 8, 12), (3, 2, 2, 6, 4), (1, 1, 8, 16, 8), (8, 1, 4, 8, 12), (9, 2, 3, 6, 9)],
+)
+def test_grouped_conv_matches_xla_feature_group_count_and_its_gradient(
+    size, stride, groups, cin, cout
+):
+    """Both paths of `Conv` (im2col for tiny outputs, XLA's convolution otherwise)."""
+    conv = Conv(cout, 3, stride, padding=1, use_bias=False, groups=groups)
+    x = jax.random.normal(jax.random.key(0), (2, size, size, cin))
+    params = conv.init(jax.random.key(1), x)
+    kernel = params["params"]["kernel"]
+    assert kernel.shape == (3, 3, cin // groups, cout)
+    out_size = (size + 2 - 3) // stride + 1
+    uses_im2col = out_size**2 <= IM2COL_MAX_OUTPUT_POSITIONS
+    assert ("conv_general_dilated" not in str(jax.make_jaxpr(conv.apply)(params, x))) == uses_im2col
+
+    def reference(x, w):
+        return jax.lax.conv_general_dilated(
+            x,
+            w,
+            (stride, stride),
+            ((1, 1), (1, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=groups,
+            precision="highest",
+        )
+
+    # An independent reference too: each group convolved on its own and concatenated.
+    per_group = [
+        jax.lax.conv_general_dilated(
+            x[..., g * (cin // groups) : (g + 1) * (cin // groups)],
+            kernel[..., g * (cout // groups) : (g + 1) * (cout // groups)],
+            (stride, stride),
+            ((1, 1), (1, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision="highest",
+        )
+        for g in range(groups)
+    ]
+    ours = lambda x, w: conv.apply({"params": {"kernel": w}}, x)
+    np.testing.assert_allclose(reference(x, kernel), jnp.concatenate(per_group, -1), atol=1e-5)
+    np.testing.assert_allclose(ours(x, kernel), reference(x, kernel), atol=1e-4)
+    grads = [
+        jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) ** 2), (0, 1))(x, kernel)
+        for f in (ours, reference)
+    ]
+    for got, want in zip(*grads, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+
+
+def test_grouped_conv_rejects_channels_the_groups_do_not_divide():
+    conv = Conv(8, 3, padding=1, groups=3, name="conv2")
+    with pytest.raises(ValueError, match=r"'conv2': groups=3 .*input channels \(6\).*\(8\)"):
+        conv.init(jax.random.key(0), jnp.ones((1, 4, 4, 6)))
 
 
 def torch_conv_out(size, kernel, stride, pad):

@@ -10,6 +10,7 @@ import jax
 import pytest
 
 from cka_jax import distributed
+from cka_jax.config import distributed_config
 from tests.main_process import REPO, assert_same_run, main_command
 from tests.xla_env import xla_flags
 
@@ -90,7 +91,7 @@ def test_initialize_joins_with_the_config_or_environment(monkeypatch, fields, en
     calls = []
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
-    cfg = distributed.distributed_config()
+    cfg = distributed_config()
     cfg.update(fields)
     distributed.initialize(cfg)
     assert calls == ([] if expected is None else [expected])
@@ -98,7 +99,7 @@ def test_initialize_joins_with_the_config_or_environment(monkeypatch, fields, en
 
 def test_failed_join_names_what_to_check(monkeypatch):
     monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
-    cfg = distributed.distributed_config()
+    cfg = distributed_config()
     cfg.coordinator_address = "h0:1"
     with pytest.raises(distributed.DistributedInitError, match="JAX_NUM_PROCESSES='two'"):
         distributed.initialize(cfg)

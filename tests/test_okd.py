@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cka_jax import okd
+from cka_jax import methods, okd
+from cka_jax.config import base_config
+from cka_jax.train import terms
 
 
 def unit(x):
@@ -156,7 +158,23 @@ def reference_objective(logits, labels, emb, memory, idx, neg, t, beta, tau, n):
     return ce + t**2 * kl + beta * contrast
 
 
-def test_mcl_okd_objective_is_eq_12_and_only_the_leader_learns_from_the_ensemble():
+def mcl_okd_loss(logits, labels, emb, memory, idx, neg):
+    """The `mcl_okd` method's row of terms, summed as the train step sums it."""
+    cfg = base_config().loss
+    cfg.update(okd_temperature=3.0, contrast_weight=0.025, nce_temperature=0.1)
+    outputs = dict(
+        logits=logits[-1],
+        peer_logits=logits,
+        labels=labels,
+        embeddings=emb,
+        memory=memory,
+        index=idx,
+        negative_index=neg,
+    )
+    return terms.total_loss(methods.build_method("mcl_okd", cfg), outputs, cfg)
+
+
+def test_mcl_okd_method_is_eq_12_and_only_the_leader_learns_from_the_ensemble():
     rng = np.random.default_rng(4)
     m, n, b, c, s, d = 4, 60, 6, 5, 9, 8
     logits = rng.normal(size=(m, b, c)).astype(np.float32) * 2
@@ -165,14 +183,13 @@ def test_mcl_okd_objective_is_eq_12_and_only_the_leader_learns_from_the_ensemble
     memory = rng.normal(size=(m, n, d)).astype(np.float32)
     idx = rng.permutation(n)[:b]
     neg = rng.integers(0, n, (m, m, b, s))
-    kwargs = dict(kd_temperature=3.0, beta=0.025, temperature=0.1, num_data=n)
-    total, terms = okd.mcl_okd_objective(logits, labels, emb, memory, idx, neg, **kwargs)
+    total, values = mcl_okd_loss(logits, labels, emb, memory, idx, neg)
     want = reference_objective(logits, labels, emb, memory, idx, neg, 3.0, 0.025, 0.1, n)
     np.testing.assert_allclose(float(total), want, rtol=1e-5)
-    assert set(terms) == {"ce", "kl", "contrast"}
+    assert set(values) == {"peer_ce", "leader_kl", "contrast"}
 
     def objective(lg):
-        return okd.mcl_okd_objective(lg, labels, emb, memory, idx, neg, **kwargs)[0]
+        return mcl_okd_loss(lg, labels, emb, memory, idx, neg)[0]
 
     grads = np.asarray(jax.grad(objective)(jnp.asarray(logits)))
 

@@ -8,11 +8,15 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 
 from cka_jax import checkpoint, evaluate, experiment, okd
 from cka_jax.models import ResNet
 from cka_jax.train import step as train_step
+from cka_jax.train.runtime import Runner
+from cka_jax.train.students import PLAIN
 from tests.main_process import final_state
+from tests.test_okd import mcl_okd_loss
 from tests.test_step_parallel import BATCH, NUM_DATA, build
 
 
@@ -22,7 +26,7 @@ def unit(x):
 
 def test_step_updates_the_bank_rows_of_its_batch_and_its_loss_is_eq_12():
     spec, state, _, batch = build("mcl_okd")
-    runner = train_step.Runner(spec, "single")
+    runner = Runner(spec, "single")
     new_state, metrics = runner.step(runner.put_state(state), [], runner.put_batch(batch))
     new_state = runner.get_state(new_state)
 
@@ -40,19 +44,20 @@ def test_step_updates_the_bank_rows_of_its_batch_and_its_loss_is_eq_12():
             want[v, i] = unit(mixed)
     np.testing.assert_allclose(new_state.memory, want, rtol=1e-4, atol=1e-5)
 
-    negatives = train_step._negatives(state, BATCH, spec)
+    negatives = train_step.negatives(state, BATCH, spec)
     assert negatives.shape == (3, 3, 16)  # (M, M, S) with S = nce_negatives = 16 <= N
-    total, terms = okd.mcl_okd_objective(
-        logits, batch["label"], embeddings, state.memory, batch["index"], negatives,
-        kd_temperature=3.0, beta=0.025, temperature=0.1, num_data=NUM_DATA,
-    )  # fmt: skip
+    assert NUM_DATA == state.memory.shape[1]
+    total, terms = mcl_okd_loss(
+        logits, batch["label"], embeddings, state.memory, batch["index"], negatives
+    )
     np.testing.assert_allclose(metrics["loss"], total, rtol=1e-4)
     np.testing.assert_allclose(metrics["loss/contrast"], terms["contrast"], rtol=1e-4)
     # The next step draws other negatives.
-    later = train_step._negatives(new_state, BATCH, spec)
+    later = train_step.negatives(new_state, BATCH, spec)
     assert not np.array_equal(np.asarray(later), np.asarray(negatives))
 
 
+@pytest.mark.slow
 def test_mcl_okd_run_resumes_from_its_checkpoint_with_the_memory_bank(all_methods_run, tmp_path):
     cfg, reference, _ = all_methods_run  # 2 branch-based peers, 20 steps, checkpoints every 2
     run = "runs/mcl_okd/seed_0"
@@ -62,12 +67,17 @@ def test_mcl_okd_run_resumes_from_its_checkpoint_with_the_memory_bank(all_method
     # What is kept is the leader alone, as a plain ResNet scoring the reported accuracy.
     model, leader, _ = checkpoint.load_model(reference / run / "selected")
     taskset, dataset = experiment.prepare_data(cfg)
-    scores = experiment.Scorer(model, cfg.augment, 64).logits(leader, dataset.test)
+    scorer = evaluate.Scorer(model, cfg.augment, 64, PLAIN.eval_logits)
+    scores = scorer.logits(leader, dataset.test)
     row = next(r for r in ref_rows if r["method"] == "mcl_okd")
     kept = evaluate.accuracies(scores, dataset.test.labels, taskset)["merged_acc"]
     assert isinstance(model, ResNet) and kept == row["merged_acc"]  # the final leader
-    assert row["selection"] == {"criterion": "final", "epoch": cfg.epochs, "score": None,
-                                "merged_acc": row["merged_acc"]}  # fmt: skip
+    assert row["selection"] == {
+        "criterion": "final",
+        "epoch": cfg.epochs,
+        "score": None,
+        "merged_acc": row["merged_acc"],
+    }
     evals = [json.loads(line) for line in (reference / run / "metrics.jsonl").open()]
     last = [m for m in evals if "eval/merged_acc" in m][-1]
     ensemble_acc = next(r for r in ref_rows if r["method"] == "mcl_okd:ensemble")["merged_acc"]

@@ -55,8 +55,14 @@ def test_killed_run_resumes_to_the_same_result(tiny_main_run, tmp_path):
 
     # Kill twice: once while a teacher trains, once in the middle of the amalgamation.
     def start():
-        return subprocess.Popen(main_command(interrupted), cwd=REPO, env=ENV, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        return subprocess.Popen(
+            main_command(interrupted),
+            cwd=REPO,
+            env=ENV,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
 
     kill_when(start(), lambda: any((interrupted / "teachers").glob("task0.run/checkpoints/*")))
     kill_when(start(), lambda: any(s >= 4 for s in checkpoint_steps(interrupted)))

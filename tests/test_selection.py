@@ -8,9 +8,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cka_jax import checkpoint, experiment
+from cka_jax import checkpoint, experiment, selection
 from cka_jax.data import Split, load_source
-from cka_jax.train.loop import fit
+from cka_jax.train.loop import FitOptions, Keep, fit
 from tests import tiny_config
 from tests.test_step_parallel import BATCH, SHAPE, build
 
@@ -26,11 +26,18 @@ def fit_with_test_accuracies(tmp_path, accuracies, select=None):
     student_vars = {"params": state.params["student"], "batch_stats": state.batch_stats}
     scores = iter(accuracies)
     result = fit(
-        name="t", spec=spec, parallelism="single", student_variables=student_vars,
-        teacher_variables=teacher_vars, split=tiny_split(), batch_size=BATCH, epochs=3,
-        seed=0, run_dir=tmp_path / "run", evaluate=lambda v: {"merged_acc": next(scores)},
-        selected_dir=tmp_path / "selected", select=select, log_every=100,
-    )  # fmt: skip
+        name="t",
+        spec=spec,
+        options=FitOptions(parallelism="single", batch_size=BATCH, log_every=100),
+        student_variables=student_vars,
+        teacher_variables=teacher_vars,
+        split=tiny_split(),
+        epochs=3,
+        seed=0,
+        run_dir=tmp_path / "run",
+        evaluate=lambda v: {"merged_acc": next(scores)},
+        keep=Keep(directory=tmp_path / "selected", select=select),
+    )
     with ocp.StandardCheckpointer() as ckptr:  # the tiny test ResNet has no arch name
         kept = ckptr.restore(tmp_path / "selected" / "variables")
     return result, kept
@@ -58,12 +65,16 @@ def test_test_accuracies_cannot_change_the_kept_model(tmp_path, label_free_score
 
 def write_npz(path, dataset, test_labels):
     np.savez(
-        path, x_train=dataset.train.images, y_train=dataset.train.labels,
-        x_test=dataset.test.images, y_test=test_labels,
+        path,
+        x_train=dataset.train.images,
+        y_train=dataset.train.labels,
+        x_test=dataset.test.images,
+        y_test=test_labels,
         class_names=np.array(dataset.class_names),
-    )  # fmt: skip
+    )
 
 
+@pytest.mark.slow
 def test_relabelled_test_set_exports_the_same_student(tmp_path):
     """End to end, with teacher-agreement selection over 3 epochs: the same data but for the
     test labels gives the same exported student and the same selection."""
@@ -95,11 +106,11 @@ def test_relabelled_test_set_exports_the_same_student(tmp_path):
 def test_holdout_is_kept_out_of_training_and_shared(tmp_path):
     cfg = tiny_config.get_config()
     train = load_source(cfg.data).train
-    assert experiment.selection_split(cfg, train) == (train, None)
+    assert selection.split_holdout(cfg, train) == (train, None)
     cfg.selection.criterion = "teacher_agreement"
     cfg.selection.holdout_fraction = 0.25
-    kept, held = experiment.selection_split(cfg, train)
-    again, held_again = experiment.selection_split(cfg, train)
+    kept, held = selection.split_holdout(cfg, train)
+    again, held_again = selection.split_holdout(cfg, train)
     assert len(held) == len(train) // 4 and len(kept) + len(held) == len(train)
     np.testing.assert_array_equal(held.images, held_again.images)
     # No held-out image is among the training images.

@@ -5,12 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cka_jax import experiment
+from cka_jax import methods
 from cka_jax.config import resolve_method
 from cka_jax.models import AmalgamationHeads, ResNet, create_model, init_variables
 from cka_jax.models.resnet import BasicBlock
-from cka_jax.train import methods
-from cka_jax.train.step import Runner, StepSpec, build_heads, create_train_state
+from cka_jax.train.runtime import Runner
+from cka_jax.train.spec import step_spec
+from cka_jax.train.step import StepSpec, build_heads, create_train_state
 from tests import tiny_config
 from tests.test_step_parallel import BATCH, SHAPE, loss_config, noisy_views
 
@@ -20,7 +21,7 @@ def spec_from_config(cfg, method_name="cka"):
     method = methods.build_method(base, loss_cfg)
     student = create_model(student_cfg.arch, 10, stem=student_cfg.stem, width=student_cfg.width)
     teachers = tuple(create_model("resnet10", 5, stem="small", width=4) for _ in range(2))
-    return experiment.step_spec(cfg, method, loss_cfg, student, teachers, cfg.optimizer, 100)
+    return step_spec(cfg, method, loss_cfg, student, teachers, cfg.optimizer, 100)
 
 
 def test_equal_specs_share_one_compiled_step_and_different_ones_do_not():
@@ -39,9 +40,13 @@ def test_equal_specs_share_one_compiled_step_and_different_ones_do_not():
 def one_step(dtype):
     def resnet(num_classes, width):
         return ResNet(
-            stage_sizes=(1, 1), block=BasicBlock, num_classes=num_classes, width=width,
-            stem="small", dtype=dtype,
-        )  # fmt: skip
+            stage_sizes=(1, 1),
+            block=BasicBlock,
+            num_classes=num_classes,
+            width=width,
+            stem="small",
+            dtype=dtype,
+        )
 
     loss_cfg = loss_config()
     method = methods.build_method("kd", loss_cfg)  # the heads' dtype is checked below
@@ -50,10 +55,15 @@ def one_step(dtype):
     init = lambda m, seed: init_variables(m, seed, (1, *SHAPE))  # noqa: E731
     teacher_vars = [init(t, 10 + i) for i, t in enumerate(teachers)]
     spec = StepSpec(
-        student=student, teachers=teachers, heads=build_heads(method, teachers, dtype=dtype),
-        method=method, loss_cfg=loss_cfg, augment=noisy_views, view_shape=SHAPE,
+        student=student,
+        teachers=teachers,
+        heads=build_heads(method, teachers, dtype=dtype),
+        method=method,
+        loss_cfg=loss_cfg,
+        augment=noisy_views,
+        view_shape=SHAPE,
         tx=optax.adam(1e-3),
-    )  # fmt: skip
+    )
     state = create_train_state(spec, init(student, 0), teacher_vars, jax.random.key(1))
     rng = np.random.default_rng(0)
     batch = {
@@ -81,9 +91,12 @@ def test_bfloat16_computes_in_bfloat16_but_keeps_float32_parameters_and_losses()
 def test_bfloat16_heads_compute_in_bfloat16_and_keep_float32_parameters():
     for common_space in ("cka", "cfl"):
         heads = AmalgamationHeads(
-            teacher_channels=(8, 16), common_space=common_space, projection=True,
-            reconstruction=True, dtype=jnp.bfloat16,
-        )  # fmt: skip
+            teacher_channels=(8, 16),
+            common_space=common_space,
+            projection=True,
+            reconstruction=True,
+            dtype=jnp.bfloat16,
+        )
         features = (jnp.zeros((4, 2, 2, 8)), [jnp.zeros((4, 2, 2, 8)), jnp.zeros((4, 2, 2, 16))])
         params = jax.eval_shape(heads.init, jax.random.key(0), *features)
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))

@@ -7,11 +7,12 @@ import numpy as np
 import optax
 import pytest
 
+from cka_jax import methods
 from cka_jax.config import base_config
 from cka_jax.models import PeerNetworks, ResNet, init_variables
 from cka_jax.models.resnet import BasicBlock
-from cka_jax.train import methods
-from cka_jax.train.step import Runner, StepSpec, build_heads, create_train_state
+from cka_jax.train.runtime import Runner
+from cka_jax.train.step import StepSpec, build_heads, create_train_state
 
 BATCH = 8
 SHAPE = (8, 8, 3)

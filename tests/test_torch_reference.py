@@ -20,8 +20,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 
 from cka_jax import losses  # noqa: E402
+from cka_jax.bench import torch_reference as ref  # noqa: E402
 from cka_jax.models import AmalgamationHeads  # noqa: E402
-from tests.script_loader import load_script  # noqa: E402
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -29,9 +29,6 @@ RTOL, ATOL = 1e-5, 1e-6
 jax_mmd = jax.jit(losses.mmd, static_argnames=("normalize",))
 jax_soft_target_kl = jax.jit(losses.soft_target_kl, static_argnames=("temperature",))
 jax_reconstruction_loss = jax.jit(losses.reconstruction_loss)
-
-
-ref = load_script("torch_reference")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -9,24 +9,33 @@
 See docs/data.md.
 """
 
-from .augment import (
+import importlib
+
+from .base import Dataset, Split
+from .errors import DataNotFoundError, DataPreparationError
+from .pipeline import batch_indices, epoch_order, eval_batches, num_batches, train_batch
+from .presets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     MNIST_MEAN,
     MNIST_STD,
-    augment_batch,
     augment_config,
-    augment_with_keys,
     eval_kwargs,
-    eval_preprocess,
     train_kwargs,
-    two_views,
 )
-from .base import Dataset, Split
-from .errors import DataNotFoundError, DataPreparationError
-from .pipeline import batch_indices, epoch_order, eval_batches, num_batches, train_batch
 from .sources import SOURCES, default_source_config, load_source
 from .tasks import TaskSet, split_classes, task_subset, union_of_datasets
+
+# The on-device augmentation needs JAX: imported on first use, so that reading a config
+# (which imports the presets and source defaults above) does not load JAX.
+_AUGMENT = ("augment_batch", "augment_with_keys", "eval_preprocess", "two_views")
+
+
+def __getattr__(name: str):
+    if name in _AUGMENT:
+        return getattr(importlib.import_module(".augment", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "IMAGENET_MEAN",

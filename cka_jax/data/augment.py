@@ -25,86 +25,22 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-MNIST_MEAN = (0.1307,) * 3
-MNIST_STD = (0.3081,) * 3
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL and torchvision
-
-TRAIN_KEYS = (
-    "out_size",
-    "channels",
-    "mean",
-    "std",
-    "crop_scale",
-    "ratio",
-    "flip",
-    "color_jitter",
-    "jitter_prob",
-    "grayscale_prob",
-    "blur_prob",
-    "blur_sigma",
-    "blur_kernel",
+from .presets import (  # noqa: F401 - re-exported: the presets belong to the augmentation
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    EVAL_KEYS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MNIST_MEAN,
+    MNIST_STD,
+    TRAIN_KEYS,
+    augment_config,
+    eval_kwargs,
+    train_kwargs,
 )
-EVAL_KEYS = ("out_size", "channels", "mean", "std", "crop_fraction")
 
-
-def augment_config(preset: str = "imagenet") -> ml_collections.ConfigDict:
-    """Augmentation defaults. ``'imagenet'``: 224 px natural images (the paper's recipe,
-    SimCLR-style strengths). ``'mnist'``: gentle settings for 28 px digits (no flip, mild
-    crops, brightness/contrast only, no blur), MNIST mean/std. ``'cifar'``: 32 px photographs
-    (crops of 35-100% of the image, flips, colour jitter, no blur, which would erase 32 px
-    detail), CIFAR-10 mean/std."""
-    if preset == "imagenet":
-        return ml_collections.ConfigDict(
-            dict(
-                out_size=224,
-                channels=3,
-                mean=IMAGENET_MEAN,
-                std=IMAGENET_STD,
-                crop_scale=(0.08, 1.0),
-                ratio=(3 / 4, 4 / 3),
-                flip=True,
-                color_jitter=(0.4, 0.4, 0.4, 0.1),
-                jitter_prob=0.8,
-                grayscale_prob=0.0,
-                blur_prob=0.5,
-                blur_sigma=(0.1, 2.0),
-                blur_kernel=None,
-                crop_fraction=0.875,
-            )
-        )
-    if preset == "mnist":
-        cfg = augment_config("imagenet")
-        cfg.update(
-            out_size=28, mean=MNIST_MEAN, std=MNIST_STD, crop_scale=(0.6, 1.0), flip=False,
-            color_jitter=(0.4, 0.4, 0.0, 0.0), blur_prob=0.0, crop_fraction=1.0,
-        )  # fmt: skip
-        return cfg
-    if preset == "cifar":
-        cfg = augment_config("imagenet")
-        cfg.update(
-            out_size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD, crop_scale=(0.35, 1.0),
-            blur_prob=0.0, crop_fraction=1.0,
-        )  # fmt: skip
-        return cfg
-    raise ValueError(
-        f"unknown augmentation preset {preset!r}; use 'imagenet', 'mnist' or 'cifar'"
-    )
-
-
-def train_kwargs(cfg) -> dict:
-    """The ``augment_batch``/``two_views`` keyword arguments in an augmentation config."""
-    return {k: cfg[k] for k in TRAIN_KEYS if k in cfg}
-
-
-def eval_kwargs(cfg) -> dict:
-    """The ``eval_preprocess`` keyword arguments in an augmentation config."""
-    return {k: cfg[k] for k in EVAL_KEYS if k in cfg}
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL and torchvision
 
 
 # --- single-image ops (float32 in [0, 1], (H, W, C)) --------------------------------------
@@ -137,7 +73,7 @@ def _resize_matrix(out_size: int, in_size: int, start, length) -> jnp.ndarray:
     return w / jnp.maximum(w.sum(axis=1, keepdims=True), 1e-12)
 
 
-def _resample(img: jnp.ndarray, out_size: int, y0, x0, h, w) -> jnp.ndarray:
+def resample(img: jnp.ndarray, out_size: int, y0, x0, h, w) -> jnp.ndarray:
     """The box [y0, y0+h) x [x0, x0+w) (pixels; may be traced) resized to out_size^2."""
     my = _resize_matrix(out_size, img.shape[0], y0, h)
     mx = _resize_matrix(out_size, img.shape[1], x0, w)
@@ -191,7 +127,9 @@ def _hsv_to_rgb(h, s, v):
     return v[..., None] * (1.0 - s[..., None] * ramp)
 
 
-def _adjust_hue(img, shift):
+def adjust_hue(img, shift):
+    """Rotates the hue of an RGB image (H, W, 3) in [0, 1] by ``shift`` turns (torchvision's
+    ``adjust_hue``)."""
     h, s, v = _rgb_to_hsv(img)
     return _hsv_to_rgb(jnp.mod(h + shift, 1.0), s, v)
 
@@ -246,7 +184,7 @@ def _color_jitter(u, img, strengths):
 
     img = run(img, True)
     if "hue" in kinds:  # hue, the costly one, is computed once
-        img = run(_adjust_hue(img, factors[kinds.index("hue")]), False)
+        img = run(adjust_hue(img, factors[kinds.index("hue")]), False)
     return img
 
 
@@ -268,7 +206,7 @@ def _blur_matrix(size: int, sigma, kernel: int) -> jnp.ndarray:
     )
 
 
-def _blur(img, sigma, kernel: int):
+def blur(img, sigma, kernel: int):
     """Separable Gaussian blur of a square image, as two small matrix products."""
     m = _blur_matrix(img.shape[0], sigma, kernel)
     img = jnp.einsum("is,swc->iwc", m, img, precision=jax.lax.Precision.HIGHEST)
@@ -307,9 +245,9 @@ def _augment_one(
     img = image.astype(jnp.float32) / 255.0
     height, width = img.shape[:2]
     if crop_scale is not None:
-        img = _resample(img, out_size, *_crop_box(u, height, width, crop_scale, ratio))
+        img = resample(img, out_size, *_crop_box(u, height, width, crop_scale, ratio))
     elif (height, width) != (out_size, out_size):
-        img = _resample(img, out_size, 0.0, 0.0, float(height), float(width))
+        img = resample(img, out_size, 0.0, 0.0, float(height), float(width))
     img = jnp.clip(img, 0.0, 1.0)
     if flip:
         img = jnp.where(u[_U_FLIP] < 0.5, img[:, ::-1], img)
@@ -321,7 +259,7 @@ def _augment_one(
         img = jnp.where(u[_U_GRAY] < grayscale_prob, gray, img)
     if blur_prob > 0:
         sigma = blur_sigma[0] + (blur_sigma[1] - blur_sigma[0]) * u[_U_SIGMA]
-        img = jnp.where(u[_U_BLUR_P] < blur_prob, _blur(img, sigma, blur_kernel), img)
+        img = jnp.where(u[_U_BLUR_P] < blur_prob, blur(img, sigma, blur_kernel), img)
     return _finish(img, channels, mean, std)
 
 

@@ -82,9 +82,13 @@ def default_source_config(name: str) -> ml_collections.ConfigDict:
         fields = dict(common, root=None, strict=False)
     elif name == "image_folder":
         fields = dict(
-            common, root=None, train_split="train", test_split="test", strict=False,
+            common,
+            root=None,
+            train_split="train",
+            test_split="test",
+            strict=False,
             train_per_class=None,
-        )  # fmt: skip
+        )
     elif name == "numpy":
         fields = dict(name=name, path=None, image_size=None, class_names=None)
     elif name == "idx":
@@ -92,9 +96,14 @@ def default_source_config(name: str) -> ml_collections.ConfigDict:
 
         # image_size None keeps the native 28 px; class_names None names the labels 0..9.
         fields = dict(
-            name=name, root=None, image_size=None, channels=1, class_names=None,
-            train_per_class=None, **DEFAULT_FILES,
-        )  # fmt: skip
+            name=name,
+            root=None,
+            image_size=None,
+            channels=1,
+            class_names=None,
+            train_per_class=None,
+            **DEFAULT_FILES,
+        )
     else:
         raise ValueError(f"unknown data source {name!r}; choose one of {SOURCES}")
     return ml_collections.ConfigDict(fields)

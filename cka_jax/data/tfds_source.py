@@ -33,8 +33,6 @@ MANUAL_FILES: dict[str, tuple[str, ...]] = {
     "caltech_birds2011": ("CUB_200_2011.tgz", "segmentations.tgz"),
     "stanford_dogs": ("images.tar", "annotation.tar", "lists.tar"),
 }
-# Builders whose preparation code calls tf.io.gfile (reading needs no TensorFlow).
-NEEDS_TF_TO_PREPARE = frozenset(MANUAL_FILES)
 _CHUNK = 256
 
 

@@ -59,10 +59,3 @@ class PeerNetworks(nn.Module):
             for kind, tree in variables.items()
             if name in tree
         }
-
-
-def with_bn_axis_name(model, axis_name: str | None):
-    """``model`` (a ResNet or PeerNetworks) with BatchNorm averaging over ``axis_name``."""
-    if isinstance(model, PeerNetworks):
-        return model.clone(peer=model.peer.clone(bn_axis_name=axis_name))
-    return model.clone(bn_axis_name=axis_name)

@@ -1,14 +1,15 @@
 """The training loop shared by teacher training and every amalgamation method.
 
 `fit` runs the one train step over a seeded, resumable batch order; fetches metrics from the
-device every `log_every` steps (no host sync per step); every `diagnose_every` steps logs what
+device every `log_every` steps (no host sync per step); every `log_every` steps logs what
 each loss term contributes (`cka_jax.diagnostics`, a separate jitted function, so the step
 itself is unchanged); checks every loss term for NaN/inf before any checkpoint is written;
 evaluates at each epoch end; checkpoints every `checkpoint_every` steps and at the end; and
 resumes from the newest loadable checkpoint.
 
 Model selection never looks at the test set: ``evaluate`` (test accuracy) only reports. The
-kept model is the final one, or, with ``select``, the best by that label-free score.
+kept model (`Keep`) is the final one, or, with ``Keep.select``, the best by that label-free
+score.
 """
 
 from __future__ import annotations
@@ -27,9 +28,41 @@ import numpy as np
 from cka_jax.checkpoint import RunCheckpoints, save_model
 from cka_jax.data import num_batches, train_batch
 from cka_jax.distributed import is_primary
-from cka_jax.train.step import Runner, StepSpec, create_train_state
+from cka_jax.train.runtime import Runner
+from cka_jax.train.step import StepSpec, create_train_state
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitOptions:
+    """How every training run of an experiment is driven: built once from the config
+    (`FitOptions.from_config`), shared by the teachers and every method."""
+
+    parallelism: str = "mesh"
+    batch_size: int = 64
+    log_every: int = 50  # steps between metric fetches (and diagnostics, when on)
+    eval_every: int = 1  # epochs between evaluations; the last epoch always
+    checkpoint_every: int = 0  # steps; 0 = at each epoch end; always at the end
+    keep_checkpoints: int = 3
+    diagnostics: bool = True  # per-term diagnostics every log_every steps (multi-term runs)
+
+    @classmethod
+    def from_config(cls, cfg) -> FitOptions:
+        return cls(**{f.name: cfg[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class Keep:
+    """What a run keeps besides its checkpoints: the model saved in ``directory`` (the
+    final one, or with ``select`` (variables -> a label-free score, higher is better) the
+    best by that score), described by ``meta``, after ``deploy`` (trained variables -> the
+    variables of the kept network, e.g. MCL-OKD's leader)."""
+
+    directory: Path | None = None
+    meta: dict | None = None
+    select: Callable[[dict], float] | None = None
+    deploy: Callable[[dict], dict] = lambda variables: variables
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -109,163 +142,178 @@ def fit(
     *,
     name: str,
     spec: StepSpec,
-    parallelism: str,
+    options: FitOptions,
     student_variables: dict,
     teacher_variables: list,
     split,
-    batch_size: int,
     epochs: int,
     seed: int,
     run_dir,
     evaluate: Callable[[dict], dict] | None = None,
-    log_every: int = 50,
-    checkpoint_every: int = 0,
-    keep_checkpoints: int = 3,
-    selected_dir=None,
-    selected_meta: dict | None = None,
-    select: Callable[[dict], float] | None = None,
-    deploy: Callable[[dict], dict] | None = None,
-    eval_every: int = 1,
-    diagnose_every: int = 0,
+    keep: Keep = Keep(),
 ) -> FitResult:
     """Trains ``spec.student`` (and heads) on ``split``; resumes from ``run_dir``.
 
-    Args:
-      evaluate: student variables -> metrics dict (test accuracies); run at every
-        ``eval_every``-th epoch end and the last. Reported only: it never chooses a model.
-      selected_dir: where the kept model is saved: the final one, or with ``select`` (student
-        variables -> a label-free score, higher is better; run at the same epoch ends) the
-        best by that score.
-      checkpoint_every: steps between checkpoints (0 = at each epoch end); always at the end.
-      deploy: trained variables -> the variables of the model that is kept (MCL-OKD's leader
-        of its peers); what ``selected_dir`` and the result hold. ``evaluate`` sees them all.
-      diagnose_every: steps between per-term diagnostics (0 = none).
+    ``evaluate`` (student variables -> test metrics) runs at every ``eval_every``-th epoch
+    end and the last; it is reported only and never chooses a model (``keep.select`` does).
     """
-    deploy = deploy or (lambda variables: variables)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    runner = Runner(spec, parallelism)
-    runner.check_batch_size(batch_size)
-    steps_per_epoch = num_batches(len(split), batch_size)
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{name}: batch_size {batch_size} is larger than the training split "
-            f"({len(split)} images); lower batch_size"
+    return _Fit(name, spec, options, split, epochs, seed, Path(run_dir), evaluate, keep).run(
+        student_variables, teacher_variables
+    )
+
+
+class _Fit:
+    """One training run: the step loop, its logging, evaluation, model keeping and
+    checkpoints (`fit`)."""
+
+    def __init__(self, name, spec, options, split, epochs, seed, run_dir, evaluate, keep):
+        self.name, self.spec, self.options, self.split = name, spec, options, split
+        self.seed, self.run_dir, self.evaluate, self.keep = seed, run_dir, evaluate, keep
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.runner = Runner(spec, options.parallelism)
+        self.runner.check_batch_size(options.batch_size)
+        self.steps_per_epoch = num_batches(len(split), options.batch_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{name}: batch_size {options.batch_size} is larger than the training split "
+                f"({len(split)} images); lower batch_size"
+            )
+        self.total_steps = epochs * self.steps_per_epoch
+        self.checkpoint_every = options.checkpoint_every or self.steps_per_epoch
+        # A single term's share is 1 by construction: nothing to diagnose.
+        diagnose = options.diagnostics and len(spec.method.terms) > 1
+        self.diagnose_every = options.log_every if diagnose else 0
+        self.pending: list[tuple[int, dict]] = []
+        self.pending_diagnostics: list[tuple[int, dict]] = []
+
+    def run(self, student_variables, teacher_variables) -> FitResult:
+        spec, runner, options = self.spec, self.runner, self.options
+        state = create_train_state(
+            spec, student_variables, teacher_variables, jax.random.key(self.seed)
         )
-    total_steps = epochs * steps_per_epoch
-    checkpoint_every = checkpoint_every or steps_per_epoch
-    state = create_train_state(spec, student_variables, teacher_variables, jax.random.key(seed))
-    checkpoints = RunCheckpoints(run_dir / "checkpoints", max_to_keep=keep_checkpoints)
-    meta = {"history": [], "selected": None, "diagnostics": []}
-    restored = checkpoints.restore_latest(jax.device_get(state))
-    if restored is not None:
-        state, meta = restored
-        meta.setdefault("selected", None)
-        meta.setdefault("diagnostics", [])
-        log.info("%s: resuming from step %d", name, int(state.step))
-    start = int(state.step)
-    metrics_log = MetricsLog(run_dir, start, enabled=is_primary())
-    state = runner.put_state(state)
-    teacher_variables = runner.put_replicated(teacher_variables)
-    rows = runner.local_rows(batch_size)
+        self.checkpoints = RunCheckpoints(
+            self.run_dir / "checkpoints", max_to_keep=options.keep_checkpoints
+        )
+        self.meta = {"history": [], "selected": None, "diagnostics": []}
+        restored = self.checkpoints.restore_latest(jax.device_get(state))
+        if restored is not None:
+            state, meta = restored
+            self.meta.update(meta)
+            log.info("%s: resuming from step %d", self.name, int(state.step))
+        start = int(state.step)
+        self.metrics_log = MetricsLog(self.run_dir, start, enabled=is_primary())
+        self.state = runner.put_state(state)
+        teachers = runner.put_replicated(teacher_variables)
+        self.t_start = self.t_window = time.time()
+        self.steps_window = 0
+        try:
+            for step in range(start, self.total_steps):
+                self._step(step, teachers)
+            self._flush()
+        finally:
+            self.metrics_log.close()
+            self.checkpoints.close()
+        final = runner.get_state(self.state)
+        return FitResult(
+            variables=self.keep.deploy(_student_variables(final)),
+            history=self.meta["history"],
+            selected=self.meta["selected"],
+            diagnostics=self.meta["diagnostics"],
+            wall_s=time.time() - self.t_start,
+        )
 
-    pending: list[tuple[int, dict]] = []
-    pending_diagnostics: list[tuple[int, dict]] = []
-    t_start = time.time()
-    t_window, steps_window = time.time(), 0
+    def _step(self, step: int, teachers) -> None:
+        runner, batch_size = self.runner, self.options.batch_size
+        rows = runner.local_rows(batch_size)
+        batch = runner.put_batch(train_batch(self.split, batch_size, self.seed, step, rows))
+        if self.diagnose_every and (step + 1) % self.diagnose_every == 0:
+            # The step about to run, term by term (on its own state and batch).
+            diagnosis = runner.diagnose(self.state, teachers, batch)
+            self.pending_diagnostics.append((step + 1, diagnosis))
+        self.state, metrics = runner.step(self.state, teachers, batch)
+        self.pending.append((step + 1, metrics))
+        self.steps_window += 1
+        done = step + 1
+        epoch_end = done % self.steps_per_epoch == 0
+        if len(self.pending) >= self.options.log_every or epoch_end or done == self.total_steps:
+            self._flush()
+        epoch = done // self.steps_per_epoch
+        if epoch_end and (epoch % self.options.eval_every == 0 or done == self.total_steps):
+            self._evaluate_and_keep(done, epoch)
+        if done % self.checkpoint_every == 0 or done == self.total_steps:
+            self._flush()
+            self.checkpoints.save(done, runner.get_state(self.state), self.meta)
 
-    def flush():
-        nonlocal t_window, steps_window
-        if not pending:
+    def _flush(self) -> None:
+        """Fetches the pending metrics (one host sync), checks them, logs them."""
+        if not self.pending:
             return
-        fetched = jax.device_get([m for _, m in pending])
-        for (step, _), values in zip(pending, fetched, strict=True):
+        fetched = jax.device_get([m for _, m in self.pending])
+        for (step, _), values in zip(self.pending, fetched, strict=True):
             values = {k: float(v) for k, v in values.items()}
-            for key in sorted(values, key=lambda k: (k == "loss", k)):
-                if not math.isfinite(values[key]):
-                    latest = checkpoints.manager.latest_step()
-                    raise NonFiniteLossError(
-                        f"{name}: loss term '{key}' became {values[key]} at step {step}; "
-                        f"stopped. The last good checkpoint (step {latest}) is kept in "
-                        f"{checkpoints.directory}. Lower the learning rate or check the inputs."
-                    )
-            metrics_log.write(step, values)
-        for step, values in jax.device_get(pending_diagnostics):
+            self._check_finite(step, values)
+            self.metrics_log.write(step, values)
+        for step, values in jax.device_get(self.pending_diagnostics):
             values = {k: round(float(v), 6) for k, v in values.items()}
-            metrics_log.write(step, values)
-            meta["diagnostics"].append({"step": step, **values})
-        last_step, last = pending[-1][0], {k: float(v) for k, v in fetched[-1].items()}
-        elapsed = time.time() - t_window
-        rate = steps_window * batch_size / max(elapsed, 1e-9)
-        eta = (total_steps - last_step) * batch_size / max(rate, 1e-9)
+            self.metrics_log.write(step, values)
+            self.meta["diagnostics"].append({"step": step, **values})
+        self._log_progress({k: float(v) for k, v in fetched[-1].items()})
+        self.pending.clear()
+        self.pending_diagnostics.clear()
+        self.t_window, self.steps_window = time.time(), 0
+
+    def _check_finite(self, step: int, values: dict) -> None:
+        for key in sorted(values, key=lambda k: (k == "loss", k)):
+            if not math.isfinite(values[key]):
+                latest = self.checkpoints.manager.latest_step()
+                raise NonFiniteLossError(
+                    f"{self.name}: loss term '{key}' became {values[key]} at step {step}; "
+                    f"stopped. The last good checkpoint (step {latest}) is kept in "
+                    f"{self.checkpoints.directory}. Lower the learning rate or check the inputs."
+                )
+
+    def _log_progress(self, last: dict) -> None:
+        last_step, batch_size = self.pending[-1][0], self.options.batch_size
+        rate = self.steps_window * batch_size / max(time.time() - self.t_window, 1e-9)
+        eta = (self.total_steps - last_step) * batch_size / max(rate, 1e-9)
         terms = " ".join(f"{k[5:]} {v:.4f}" for k, v in last.items() if k.startswith("loss/"))
         shares = ""
-        if pending_diagnostics:
-            latest = meta["diagnostics"][-1]
+        if self.pending_diagnostics:
+            latest = self.meta["diagnostics"][-1]
             shares = " grad share " + " ".join(
                 f"{k[11:]} {v:.2f}" for k, v in latest.items() if k.startswith("grad_share/")
             )
         log.info(
             "[%s] step %d/%d epoch %d loss %.4f (%s)%s %.0f img/s ETA %s",
-            name, last_step, total_steps, (last_step - 1) // steps_per_epoch + 1,
-            last["loss"], terms, shares, rate, _format_eta(eta),
-        )  # fmt: skip
-        pending.clear()
-        pending_diagnostics.clear()
-        t_window, steps_window = time.time(), 0
+            self.name,
+            last_step,
+            self.total_steps,
+            (last_step - 1) // self.steps_per_epoch + 1,
+            last["loss"],
+            terms,
+            shares,
+            rate,
+            _format_eta(eta),
+        )
 
-    def evaluate_and_select(done: int, epoch: int):
-        host = _student_variables(runner.get_state(state))
-        record = {"epoch": epoch, "step": done, **(evaluate(host) if evaluate else {})}
-        score = select(host) if select is not None else None
+    def _evaluate_and_keep(self, done: int, epoch: int) -> None:
+        host = _student_variables(self.runner.get_state(self.state))
+        record = {"epoch": epoch, "step": done, **(self.evaluate(host) if self.evaluate else {})}
+        keep = self.keep
+        score = keep.select(host) if keep.select is not None else None
         if score is not None:
             record["selection_score"] = score
-        meta["history"].append(record)
+        self.meta["history"].append(record)
         scores = {k: v for k, v in record.items() if k not in ("epoch", "step")}
-        metrics_log.write(done, _scalars(scores, "eval/"))
-        log.info("[%s] epoch %d eval %s", name, epoch, _rounded(record))
-        if selected_dir is None:
+        self.metrics_log.write(done, _scalars(scores, "eval/"))
+        log.info("[%s] epoch %d eval %s", self.name, epoch, _rounded(record))
+        if keep.directory is None:
             return
-        final = done == total_steps
-        improved = score is not None and (
-            meta["selected"] is None or score > meta["selected"]["score"]
-        )
-        if improved or (select is None and final):
-            meta["selected"] = {"epoch": epoch, "step": done, "score": score}
-            save_model(selected_dir, deploy(host), selected_meta or {})
-
-    try:
-        for step in range(start, total_steps):
-            batch = runner.put_batch(train_batch(split, batch_size, seed, step, rows))
-            if diagnose_every and (step + 1) % diagnose_every == 0:
-                # The step about to run, term by term (on its own state and batch).
-                diagnosis = runner.diagnose(state, teacher_variables, batch)
-                pending_diagnostics.append((step + 1, diagnosis))
-            state, metrics = runner.step(state, teacher_variables, batch)
-            pending.append((step + 1, metrics))
-            steps_window += 1
-            done = step + 1
-            epoch_end = done % steps_per_epoch == 0
-            if len(pending) >= log_every or epoch_end or done == total_steps:
-                flush()
-            epoch = done // steps_per_epoch
-            if epoch_end and (epoch % eval_every == 0 or done == total_steps):
-                evaluate_and_select(done, epoch)
-            if done % checkpoint_every == 0 or done == total_steps:
-                flush()
-                checkpoints.save(done, runner.get_state(state), meta)
-        flush()
-    finally:
-        metrics_log.close()
-        checkpoints.close()
-    final = runner.get_state(state)
-    return FitResult(
-        variables=deploy(_student_variables(final)),
-        history=meta["history"],
-        selected=meta["selected"],
-        diagnostics=meta["diagnostics"],
-        wall_s=time.time() - t_start,
-    )
+        selected = self.meta["selected"]
+        improved = score is not None and (selected is None or score > selected["score"])
+        if improved or (keep.select is None and done == self.total_steps):
+            self.meta["selected"] = {"epoch": epoch, "step": done, "score": score}
+            save_model(keep.directory, keep.deploy(host), keep.meta or {})
 
 
 def _rounded(value, digits: int = 2):

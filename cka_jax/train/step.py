@@ -1,4 +1,4 @@
-"""The one train step every method (and teacher training) uses, and its data-parallel forms.
+"""The one train step every method (and teacher training) uses: its mathematics.
 
 `train_step(state, teacher_variables, batch) -> (state, metrics)`:
 1. augments the uint8 batch on the device (per-sample keys from the step and each sample's
@@ -6,7 +6,7 @@
 2. runs the frozen teachers in eval mode on view 1 (no gradient);
 3. runs the student in train mode on view 1 (and view 2 when the method contrasts views);
 4. runs the method's heads, gathers every output to the global batch, and sums the method's
-   weighted loss terms (`cka_jax.train.methods`);
+   weighted loss terms (`cka_jax.methods`, `cka_jax.train.terms`);
 5. applies one optimiser update to the student and heads, and (MCL-OKD) the momentum update
    of the memory bank's rows of this batch.
 
@@ -14,9 +14,9 @@ With `PeerNetworks` as the student (MCL-OKD and its baselines) the peers all see
 terms get every peer's logits and embeddings, the leader's logits as 'logits', and the memory
 bank with negatives drawn from the step's key (the same draw on every device).
 
-Parallel forms: 'single' (jit), 'mesh' (jit with the batch sharded over a 'data' mesh axis;
-XLA inserts the collectives) and 'pmap' (explicit all_gather of the outputs, pmean of the
-gradients, BatchNorm statistics over the mapped axis). All three compute the same step.
+The device runtime (one device, a device mesh, or pmap; placing state and batches) is
+`cka_jax.train.runtime`; with ``axis_name`` set (pmap) the step gathers every output to the
+global batch before the batch-wide losses and averages the gradients.
 """
 
 from __future__ import annotations
@@ -30,31 +30,14 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from cka_jax import diagnostics, losses, okd
-from cka_jax.models import (
-    AmalgamationHeads,
-    PeerNetworks,
-    ResNet,
-    feature_channels,
-    with_bn_axis_name,
-)
-from cka_jax.train.methods import (
-    Method,
-    inter_features,
-    loss_terms,
-    total_loss,
-    transport_kwargs,
-)
+from cka_jax.methods import Method
+from cka_jax.models import AmalgamationHeads, feature_channels
+from cka_jax.train.students import student_kind
+from cka_jax.train.terms import inter_features, loss_terms, total_loss, transport_kwargs
 
-PMAP_AXIS = "batch"
-MESH_AXIS = "data"
-PARALLELISM = ("mesh", "pmap", "single")
-PEER_MAJOR_OUTPUTS = ("peer_logits", "embeddings")  # (M, B, ...): the batch is axis 1
 NEGATIVES_STREAM = 3  # folded into the step key for MCL-OKD's negatives (views use 1, 2)
 
 
@@ -72,8 +55,8 @@ class TrainState:
 class StepSpec:
     """Everything static the step is built from."""
 
-    student: ResNet | PeerNetworks
-    teachers: tuple[ResNet, ...]
+    student: Any  # a ResNet, or PeerNetworks (see `kind`)
+    teachers: tuple[Any, ...]  # ResNets
     heads: AmalgamationHeads | None
     method: Method
     loss_cfg: ml_collections.FrozenConfigDict
@@ -81,6 +64,11 @@ class StepSpec:
     view_shape: tuple[int, int, int]  # (H, W, C) of one augmented view
     tx: optax.GradientTransformation
     num_data: int = 0  # training-set size: the rows of MCL-OKD's memory bank
+
+    @property
+    def kind(self):
+        """The student kind (`cka_jax.train.students`) of the method."""
+        return student_kind(self.method)
 
 
 @functools.cache  # equal settings -> the same object, so equal StepSpecs hash equal
@@ -94,9 +82,8 @@ def make_optimizer(learning_rate: float, weight_decay: float, total_steps: int):
     )
 
 
-def build_heads(
-    method: Method, teachers: tuple[ResNet, ...], dtype=jnp.float32
-) -> AmalgamationHeads | None:
+def build_heads(method: Method, teachers: tuple, dtype=jnp.float32) -> AmalgamationHeads | None:
+    """The trainable heads the method's terms need (None when they need none)."""
     if method.common_space is None and not method.projection:
         return None
     return AmalgamationHeads(
@@ -121,12 +108,7 @@ def create_train_state(spec: StepSpec, student_variables, teacher_variables, rng
             raise ValueError(
                 f"method {spec.method.name!r} needs StepSpec.num_data (its memory bank)"
             )
-        memory = okd.init_memory_bank(
-            jax.random.fold_in(rng, 3),
-            spec.student.num_peers,
-            spec.num_data,
-            spec.student.embed_dim,
-        )
+        memory = spec.kind.init_memory(spec.student, spec.num_data, jax.random.fold_in(rng, 3))
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -179,12 +161,7 @@ def _forward(params, state, teacher_variables, batch, spec: StepSpec, axis_name)
         mutable=["batch_stats"],
     )
     b = view1.shape[0]
-    if method.peers:
-        # (M, B, C) logits and (M, B, d) embeddings of the peers; the last is the leader.
-        outputs = {"logits": logits[-1], "peer_logits": logits, "embeddings": features}
-        outputs.update(labels=batch.get("label"), index=batch["index"])
-    else:
-        outputs = {"logits": logits[:b], "features": features[:b], "labels": batch.get("label")}
+    outputs = spec.kind.outputs(logits, features, batch, b)
     if method.uses_teachers:
         teacher_out = [
             jax.lax.stop_gradient(t.apply(v, view1, train=False))
@@ -203,14 +180,17 @@ def _forward(params, state, teacher_variables, batch, spec: StepSpec, axis_name)
         )
     if axis_name is not None:
         # Batch-wide losses must see the global batch, as on one device.
-        outputs = {key: _gather_batch(key, value, axis_name) for key, value in outputs.items()}
+        axis_of = spec.kind.batch_axis
+        outputs = {k: _gather_batch(v, axis_name, axis_of(k)) for k, v in outputs.items()}
     if method.memory_bank:
         outputs["memory"] = state.memory
-        outputs["negative_index"] = _negatives(state, outputs["index"].shape[0], spec)
+        outputs["negative_index"] = negatives(state, outputs["index"].shape[0], spec)
     return outputs, updates["batch_stats"]
 
 
-def _loss_fn(params, state, teacher_variables, batch, spec: StepSpec, axis_name):
+def loss_fn(params, state, teacher_variables, batch, spec: StepSpec, axis_name=None):
+    """``(total loss, (terms, new BatchNorm statistics, memory-bank rows))`` of the step at
+    ``state`` for ``params`` (what the step differentiates)."""
     method = spec.method
     outputs, batch_stats = _forward(params, state, teacher_variables, batch, spec, axis_name)
     total, terms = total_loss(method, outputs, spec.loss_cfg)
@@ -240,7 +220,7 @@ def term_gradients(state: TrainState, teacher_variables, batch, spec: StepSpec, 
     return grads, outputs
 
 
-def _diagnose(state: TrainState, teacher_variables, batch, *, spec: StepSpec, axis_name=None):
+def diagnose(state: TrainState, teacher_variables, batch, *, spec: StepSpec, axis_name=None):
     """What the step at ``state`` would do, term by term (no update):
 
     * ``grad/<term>``: the norm of the term's weighted gradient on the student network
@@ -262,13 +242,12 @@ def _diagnose(state: TrainState, teacher_variables, batch, *, spec: StepSpec, ax
     return result
 
 
-def _gather_batch(key: str, value, axis_name: str):
+def _gather_batch(value, axis_name: str, axis: int):
     """The global batch of one output (a pytree of arrays) from every device's share."""
-    axis = 1 if key in PEER_MAJOR_OUTPUTS else 0
     return jax.tree.map(lambda a: jax.lax.all_gather(a, axis_name, axis=axis, tiled=True), value)
 
 
-def _negatives(state: TrainState, batch_size: int, spec: StepSpec):
+def negatives(state: TrainState, batch_size: int, spec: StepSpec):
     """MCL-OKD's negatives for every ordered view pair, from the step's own key: (M, M, S)
     shared by the batch, or (M, M, B, S). S = ``loss.nce_negatives`` capped by N."""
     cfg, m = spec.loss_cfg, spec.student.num_peers
@@ -280,8 +259,10 @@ def _negatives(state: TrainState, batch_size: int, spec: StepSpec):
     )
 
 
-def _train_step(state: TrainState, teacher_variables, batch, *, spec: StepSpec, axis_name=None):
-    grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
+def train_step(state: TrainState, teacher_variables, batch, *, spec: StepSpec, axis_name=None):
+    """One optimiser update of the student and heads (and MCL-OKD's memory bank); returns
+    ``(new state, metrics)`` with the loss, every term and the gradient norm."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (total, (terms, batch_stats, bank_rows)), grads = grad_fn(
         state.params, state, teacher_variables, batch, spec, axis_name
     )
@@ -307,140 +288,3 @@ def _train_step(state: TrainState, teacher_variables, batch, *, spec: StepSpec, 
         memory=memory,
     )
     return new_state, metrics
-
-
-def _mesh(devices, axis: str) -> Mesh:
-    """The 1-D mesh of ``devices`` that the step's batch axis is sharded over."""
-    return Mesh(np.array(devices), (axis,))
-
-
-def _parallel(fn, spec: StepSpec, parallelism: str, devices: tuple, donate: tuple):
-    """``fn(state, teacher_variables, batch, spec=, axis_name=)`` jitted (or pmapped) in
-    one parallel form."""
-    if parallelism == "pmap":
-        pmap_spec = dataclasses.replace(spec, student=with_bn_axis_name(spec.student, PMAP_AXIS))
-        mapped = lambda s, t, b: fn(s, t, b, spec=pmap_spec, axis_name=PMAP_AXIS)
-        return jax.pmap(
-            mapped, axis_name=PMAP_AXIS, in_axes=(0, None, 0), donate_argnums=donate,
-            devices=devices,
-        )  # fmt: skip
-    plain = lambda s, t, b: fn(s, t, b, spec=spec)
-    if parallelism == "mesh":
-        # The outputs stay whole on every device, so that every process of a multi-process
-        # run can read them.
-        replicated = NamedSharding(_mesh(devices, MESH_AXIS), P())
-        return jax.jit(plain, donate_argnums=donate, out_shardings=replicated)
-    return jax.jit(plain, donate_argnums=donate)
-
-
-@functools.cache
-def _step_function(spec: StepSpec, parallelism: str, devices: tuple):
-    """The jitted (or pmapped) step for ``spec``: one per distinct spec, so runs with equal
-    specs in one process (seeds, tests) share XLA's compiled programs."""
-    return _parallel(_train_step, spec, parallelism, devices, donate=(0,))
-
-
-@functools.cache
-def _diagnose_function(spec: StepSpec, parallelism: str, devices: tuple):
-    return _parallel(_diagnose, spec, parallelism, devices, donate=())
-
-
-class Runner:
-    """Places state and batches on the devices and runs the step in one parallel form."""
-
-    def __init__(self, spec: StepSpec, parallelism: str, devices=None):
-        if parallelism not in PARALLELISM:
-            raise ValueError(f"parallelism must be one of {PARALLELISM}, got {parallelism!r}")
-        if jax.process_count() > 1 and parallelism != "mesh":
-            raise ValueError(
-                f"parallelism={parallelism!r} runs on one process's devices, but "
-                f"{jax.process_count()} processes were joined; use parallelism='mesh'"
-            )
-        self.devices = list(devices if devices is not None else jax.devices())
-        if parallelism == "single":
-            self.devices = self.devices[:1]
-        self.parallelism = parallelism
-        self.spec = spec
-        axis = PMAP_AXIS if parallelism == "pmap" else MESH_AXIS
-        self.mesh = _mesh(self.devices, axis)
-        self.replicated = NamedSharding(self.mesh, P())
-        self.sharded = NamedSharding(self.mesh, P(axis))
-        self._step = _step_function(spec, parallelism, tuple(self.devices))
-        self.num_devices = len(self.devices)
-        # Devices of this process: a process feeds num_local_devices / num_devices of a batch.
-        me = jax.process_index()
-        self.num_local_devices = sum(d.process_index == me for d in self.devices)
-
-    def compile(self, state, teacher_variables, batch):
-        """The step compiled ahead of time for these (placed) arguments; its
-        ``cost_analysis()`` and ``memory_analysis()`` describe one update."""
-        return self._step.lower(state, teacher_variables, batch).compile()
-
-    def check_batch_size(self, batch_size: int):
-        if batch_size % self.num_devices:
-            raise ValueError(
-                f"batch_size {batch_size} is not divisible by the {self.num_devices} devices; "
-                "choose a multiple of the device count"
-            )
-
-    def put_state(self, state: TrainState):
-        # From a host copy: the step donates its input, which must not alias the caller's.
-        state = jax.device_get(state)
-        if self.parallelism == "pmap":
-            # pmap's arrays carry a leading device axis, sharded over the devices.
-            n = self.num_devices
-            state = jax.tree.map(lambda a: np.broadcast_to(a, (n, *np.shape(a))), state)
-            return jax.device_put(state, self.sharded)
-        return jax.device_put(state, self.replicated)
-
-    def get_state(self, state: TrainState) -> TrainState:
-        if self.parallelism == "pmap":
-            state = jax.tree.map(lambda a: a[0], state)
-        return jax.device_get(state)
-
-    def put_replicated(self, tree):
-        return jax.device_put(tree, self.replicated)
-
-    def local_rows(self, batch_size: int) -> slice:
-        """The rows of a global batch that this process feeds: all of them for one process,
-        else the contiguous block its devices hold in the 'data' mesh axis."""
-        if jax.process_count() == 1:
-            return slice(0, batch_size)
-        index_map = self.sharded.addressable_devices_indices_map((batch_size,))
-        starts = sorted(idx[0].start or 0 for idx in index_map.values())
-        stops = sorted(idx[0].stop or batch_size for idx in index_map.values())
-        if any(b != a for a, b in zip(stops[:-1], starts[1:], strict=True)):
-            raise ValueError("this process's devices do not hold a contiguous block of the batch")
-        return slice(starts[0], stops[-1])
-
-    def put_batch(self, batch: dict):
-        """Places a batch on the devices. ``batch`` holds this process's rows (`local_rows`)
-        of the global batch: the whole batch for one process."""
-        if self.parallelism == "pmap":
-            n = self.num_devices
-            batch = {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
-        if jax.process_count() == 1:
-            return jax.device_put(batch, self.sharded)
-        scale = self.num_devices // self.num_local_devices
-        return {
-            k: jax.make_array_from_process_local_data(
-                self.sharded, v, (v.shape[0] * scale, *v.shape[1:])
-            )
-            for k, v in batch.items()
-        }
-
-    def step(self, state, teacher_variables, batch):
-        """One update; metrics stay on the device (fetch them rarely)."""
-        state, metrics = self._step(state, teacher_variables, batch)
-        return state, self._first_device(metrics)
-
-    def diagnose(self, state, teacher_variables, batch) -> dict:
-        """The per-term diagnostics of the step at ``state`` (`_diagnose`), on the device;
-        compiled on first use, so runs that never ask pay nothing."""
-        fn = _diagnose_function(self.spec, self.parallelism, tuple(self.devices))
-        return self._first_device(fn(state, teacher_variables, batch))
-
-    def _first_device(self, tree):
-        if self.parallelism == "pmap":
-            return jax.tree.map(lambda a: a[0], tree)
-        return tree

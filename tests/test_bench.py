@@ -1,17 +1,22 @@
-"""scripts/benchmark.py runs end to end on tiny shapes (a smoke test of the script, not a
-timing): its report has the documented fields, --two_views really adds the second student
-pass, and --against times a second method in the same process."""
+"""The step benchmark (scripts/benchmark.py) runs end to end on tiny shapes (a smoke test,
+not a timing): its report has the documented fields, --two_views really adds the second
+student pass, and --against times a second method in the same process."""
 
-from tests.script_loader import load_script
+from cka_jax.bench import step_benchmark as benchmark
 
 TINY = [
-    "--teacher=resnet10", "--student=resnet10", "--width=4", "--stem=small",
-    "--image_size=16", "--classes_per_teacher=3", "--batch_size=8", "--steps=2",
-]  # fmt: skip
+    "--teacher=resnet10",
+    "--student=resnet10",
+    "--width=4",
+    "--stem=small",
+    "--image_size=16",
+    "--classes_per_teacher=3",
+    "--batch_size=8",
+    "--steps=2",
+]
 
 
 def test_benchmark_reports_flops_memory_and_an_interleaved_ratio(tmp_path, capsys):
-    benchmark = load_script("benchmark")
     one_view = benchmark.main([*TINY, "--method=kd"])
     both = benchmark.main([*TINY, "--method=kd", "--two_views", "--against=kd"])
     for result in (one_view, both):

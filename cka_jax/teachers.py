@@ -1,0 +1,128 @@
+"""The teachers' stage: one frozen teacher per task, loaded from a checkpoint the config
+names, reloaded from this workdir, or trained here on its task's labels.
+
+    teachers/<task>/        the teacher (model.json + variables), trained here or copied
+    teachers/<task>.run/    its training run (checkpoints, metrics.jsonl)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from cka_jax import checkpoint, evaluate, methods
+from cka_jax.data import task_subset
+from cka_jax.models.build import init_model, model_meta
+from cka_jax.train.loop import FitOptions, fit
+from cka_jax.train.spec import compute_dtype, step_spec, view_shape
+
+log = logging.getLogger(__name__)
+
+
+def teacher_model_configs(cfg, num_tasks: int) -> list[ml_collections.ConfigDict]:
+    """Each task's teacher model fields: ``config.teacher`` with ``config.teachers[t]``."""
+    if cfg.teachers and len(cfg.teachers) != num_tasks:
+        raise ValueError(
+            f"config.teachers lists {len(cfg.teachers)} teachers but the data has "
+            f"{num_tasks} tasks; give one entry per task (or none to use config.teacher)"
+        )
+    out = []
+    for t in range(num_tasks):
+        m = ml_collections.ConfigDict(cfg.teacher.to_dict())
+        if cfg.teachers:
+            m.update(dict(cfg.teachers[t]))
+        out.append(m)
+    return out
+
+
+def get_teachers(cfg, taskset, dataset, workdir: Path):
+    """Returns ``[(model, variables)]`` in task order: a frozen checkpoint the config names,
+    the teacher this workdir trained before, or one trained now on the task's labels."""
+    teachers = []
+    for t, (name, m) in enumerate(
+        zip(taskset.names, teacher_model_configs(cfg, taskset.num_tasks), strict=True)
+    ):
+        task_classes = [taskset.class_names[c] for c in taskset.classes[t]]
+        out_dir = workdir / "teachers" / name
+        if m.checkpoint and not m.finetune:
+            model, variables, meta = checkpoint.load_model(m.checkpoint, dtype=compute_dtype(cfg))
+            check_teacher_fits(meta, m, cfg, t, name, len(task_classes))
+        elif checkpoint.has_model(out_dir):
+            model, variables, meta = checkpoint.load_model(out_dir, dtype=compute_dtype(cfg))
+        else:
+            model, variables = train_teacher(cfg, m, taskset, dataset, t, out_dir)
+        teachers.append((model, variables))
+    return teachers
+
+
+def check_teacher_fits(meta: dict, m, cfg, t: int, task: str, num_classes: int) -> None:
+    """A frozen teacher checkpoint must fit its task: its class count, the image channels,
+    and any architecture field `config.teachers[t]` names explicitly."""
+    where = f"teacher checkpoint {m.checkpoint} ({meta['arch']}, {meta['num_classes']} classes)"
+    if meta["num_classes"] != num_classes:
+        raise checkpoint.CheckpointError(
+            f"{where} does not fit task '{task}', which has {num_classes} classes; "
+            "give a checkpoint trained on that task's classes"
+        )
+    channels = meta.get("channels", 3)
+    if channels != int(cfg.augment.channels):
+        raise checkpoint.CheckpointError(
+            f"{where} takes {channels}-channel images but task '{task}' feeds "
+            f"{cfg.augment.channels}-channel ones; set config.augment.channels={channels}"
+        )
+    explicit = dict(cfg.teachers[t]) if cfg.teachers else {}
+    for field in ("arch", "width", "stem"):
+        if field in explicit and field in meta and explicit[field] != meta[field]:
+            raise checkpoint.CheckpointError(
+                f"{where} is a {field}={meta[field]!r} model but config.teachers[{t}] asks for "
+                f"{field}={explicit[field]!r} for task '{task}'; drop that field (the "
+                "checkpoint's model.json decides) or give a matching checkpoint"
+            )
+
+
+def per_class_fraction(split, fraction: float, seed: int):
+    """The first ``ceil(fraction * n_c)`` images of each class in a seeded order."""
+    if fraction >= 1:
+        return split
+    return split.per_class(lambda n: int(np.ceil(fraction * n)), seed)
+
+
+def train_teacher(cfg, m, taskset, dataset, t, out_dir: Path):
+    name = taskset.names[t]
+    num_classes = taskset.sizes[t]
+    seed = int(cfg.tasks.seed) + 1000 * (t + 1)
+    model, variables = init_model(
+        m, num_classes, seed, view_shape(cfg.augment), "teacher", compute_dtype(cfg)
+    )
+    train_split = per_class_fraction(
+        task_subset(dataset.train, taskset, t), cfg.teacher_data_fraction, seed
+    )
+    test_split = task_subset(dataset.test, taskset, t)
+    total_steps = cfg.teacher_epochs * (len(train_split) // cfg.batch_size)
+    method = methods.build_method("supervised", cfg.loss)
+    spec = step_spec(cfg, method, cfg.loss, model, (), cfg.teacher_optimizer, total_steps)
+    scorer = evaluate.Scorer(model, cfg.augment, cfg.eval_batch_size)
+
+    def score(v):
+        logits = scorer.logits(v, test_split)
+        return {"acc": float(np.mean(np.argmax(logits, -1) == test_split.labels) * 100)}
+
+    result = fit(
+        name=f"teacher {name}",
+        spec=spec,
+        options=FitOptions.from_config(cfg),
+        student_variables=variables,
+        teacher_variables=[],
+        split=train_split,
+        epochs=cfg.teacher_epochs,
+        seed=seed,
+        run_dir=out_dir.with_name(name + ".run"),
+        evaluate=score,
+    )
+    task_classes = [taskset.class_names[c] for c in taskset.classes[t]]
+    meta = model_meta(m, num_classes, cfg.augment, task_classes, task=name)
+    checkpoint.save_model(out_dir, result.variables, meta)
+    return model, result.variables
