@@ -1,6 +1,6 @@
 """The amalgamation stage: one method, one seed, one student trained through the one train
 step, resumable, into ``runs/<method>/seed_<s>/`` (checkpoints/, selected/, metrics.jsonl,
-tensorboard/, result.json)."""
+tensorboard/, result.json, fingerprint.json)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from cka_jax.files import write_json_atomic
 from cka_jax.models.build import model_meta, param_count
 from cka_jax.train.loop import FitOptions, Keep, fit
 from cka_jax.train.spec import student_run
+from cka_jax.workdir import record_fingerprint, run_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,8 @@ def train_student(cfg, name, seed, teachers, taskset, dataset, workdir: Path, tr
     result_file = run_dir / "result.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
+    # What this run's numbers depend on, recorded before any work (cka_jax.workdir).
+    record_fingerprint(run_dir, run_fingerprint(cfg, name, seed))
     base, _, student_cfg = resolve_method(cfg, name)
     total_steps = cfg.epochs * (len(train) // cfg.batch_size)
     spec, student_vars = student_run(

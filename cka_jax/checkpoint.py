@@ -9,11 +9,14 @@ interrupted save and is never loaded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -22,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cka_jax.distributed import barrier, is_primary
-from cka_jax.files import write_json_atomic
+from cka_jax.files import disk_full_message, is_disk_full, write_json_atomic
 from cka_jax.models import create_model
 
 MODEL_FILE = "model.json"
@@ -32,6 +35,65 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not fit what the config asks for."""
+
+
+class DiskFullError(CheckpointError):
+    """A checkpoint or model could not be written: no space left on its disk (or the quota
+    is spent). What was there before is kept; the message names the path and the space
+    needed."""
+
+
+def tree_nbytes(tree) -> int:
+    """The bytes of every array of ``tree``: about what writing it needs on disk."""
+    return int(sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(tree)))
+
+
+class _DropDiskFullRecords(logging.Filter):
+    """Orbax logs a failed write from each of its threads, with a traceback each (about
+    400 lines for one full disk); `DiskFullError` says it once."""
+
+    def filter(self, record):
+        err = record.exc_info[1] if record.exc_info else Exception(record.getMessage())
+        return not is_disk_full(err)
+
+
+def _drop_closed_loop_reports() -> None:
+    """After an orbax write fails, tensorstore still completes the writes that were in
+    flight and hands each result to the asyncio loop orbax has closed meanwhile; each
+    reports 'Event loop is closed' as an unraisable exception, dozens of tracebacks printed
+    after the error was handled. From the first write on, those reports (only them) are
+    dropped: installed before any write can fail, the filter cannot miss one."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        err = unraisable.exc_value
+        if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop = True
+    sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def _disk_full_as_error(what: str, path: Path, needed: int, kept: str, cleanup=None):
+    """Turns a write that finds no space into `DiskFullError` (after ``cleanup()``, which
+    removes the partial write so the space it took is free again)."""
+    _drop_closed_loop_reports()
+    absl_logger = logging.getLogger("absl")
+    drop = _DropDiskFullRecords()
+    absl_logger.addFilter(drop)
+    try:
+        yield
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        if cleanup is not None:
+            cleanup()
+        raise DiskFullError(disk_full_message(what, path, needed, kept)) from err
+    finally:
+        absl_logger.removeFilter(drop)
 
 
 def model_from_meta(meta: dict, **kwargs):
@@ -54,18 +116,24 @@ def save_model(directory, variables, meta: dict) -> None:
     """
     directory = Path(directory).absolute()
     tmp = directory.with_name(directory.name + ".partial")
-    if is_primary():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(f"save_model {directory} start")
     variables = jax.device_get(
         {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     )
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(tmp / "variables", variables)
-        ckptr.wait_until_finished()
+    kept = "The model saved there before, if any, is kept."
+    full = _disk_full_as_error(
+        "a model", directory, tree_nbytes(variables), kept, cleanup=lambda: _remove(tmp)
+    )
+    with full:
+        if is_primary():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier(f"save_model {directory} start")
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "variables", variables)
+            ckptr.wait_until_finished()
+        if is_primary():
+            write_json_atomic(tmp / MODEL_FILE, meta)
     if is_primary():
-        write_json_atomic(tmp / MODEL_FILE, meta)
         old = directory.with_name(directory.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         if directory.exists():
@@ -73,6 +141,20 @@ def save_model(directory, variables, meta: dict) -> None:
         os.replace(tmp, directory)
         shutil.rmtree(old, ignore_errors=True)
     barrier(f"save_model {directory} done")
+
+
+def _remove(path: Path, settle_s: float = 0.2, limit_s: float = 10.0) -> None:
+    """Deletes a partial write (process 0; the files are shared). A failed orbax save
+    returns while tensorstore still finishes the writes in flight, which recreate their
+    directories: deleted again until it stays gone for ``settle_s``."""
+    if not is_primary():
+        return
+    deadline = time.monotonic() + limit_s
+    while True:
+        shutil.rmtree(path, ignore_errors=True)
+        time.sleep(settle_s)
+        if not path.exists() or time.monotonic() > deadline:
+            return
 
 
 def _finish_interrupted_save(directory: Path) -> None:
@@ -147,16 +229,32 @@ class RunCheckpoints:
         )
 
     def save(self, step: int, state, meta: dict) -> None:
+        """Writes step ``step``; a disk without space for it is a `DiskFullError` (the
+        partial write removed, the checkpoints before it intact)."""
         state = jax.device_get(state)
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                meta=ocp.args.JsonSave({**meta, DIGEST_KEY: state_digest(state)}),
-            ),
-            force=True,
+        full = _disk_full_as_error(
+            f"the checkpoint of step {step}",
+            self.directory / str(step),
+            tree_nbytes(state),
+            f"The checkpoints before it are intact in {self.directory}: the rerun resumes "
+            "from the newest.",
+            cleanup=lambda: self._remove_partial(step),
         )
-        self.manager.wait_until_finished()
+        with full:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    meta=ocp.args.JsonSave({**meta, DIGEST_KEY: state_digest(state)}),
+                ),
+                force=True,
+            )
+            self.manager.wait_until_finished()
+
+    def _remove_partial(self, step: int) -> None:
+        """Deletes orbax's temporary directory of an unfinished save of ``step``."""
+        for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+            _remove(partial)
 
     def restore_latest(self, template):
         """Returns ``(state, meta)`` of the newest loadable checkpoint, or None.

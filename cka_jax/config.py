@@ -1,11 +1,13 @@
 """The experiment config: every field with the paper's defaults, and its validation.
 
 Experiment files in configs/ start from `base_config()` and change what differs, so a field
-that is not here (a typo in a config file) is an error listing the valid ones; absl's
-config_flags already rejects unknown `--config.x=...` overrides.
+that is not here (a typo in a config file) is an error listing the valid ones, and
+an unknown ``--config.x=...`` override is one line naming it (`unknown_field`).
 """
 
 from __future__ import annotations
+
+import difflib
 
 import ml_collections
 from ml_collections.config_dict import placeholder
@@ -304,3 +306,21 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                 f"config.teachers[{t}] has unknown fields {sorted(unknown)}; "
                 f"valid: {sorted(cfg.teacher.keys())}"
             )
+
+
+def unknown_field(cfg: ml_collections.ConfigDict, path: str) -> str | None:
+    """For an override path such as ``student.widht``, one line naming the first part that
+    ``cfg`` lacks, the closest valid name and the valid fields at that level; None if every
+    part exists (or the path goes into a tuple, which this does not follow)."""
+    node, where = cfg, "config"
+    for key in path.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or "[" in key:
+            return None
+        if key not in node:
+            valid = sorted(node.keys())
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            fields = ", ".join(valid) or "(none)"
+            return f"{where} has no field '{key}'; {hint}valid fields: {fields}"
+        node, where = node[key], f"{where}.{key}"
+    return None

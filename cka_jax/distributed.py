@@ -23,6 +23,7 @@ import logging
 import os
 
 import jax
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,11 @@ def initialize(dist_cfg) -> None:
         "process_id": dist_cfg.process_id if dist_cfg.process_id is not None else _env_int(ENV_ID),
     }
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    # SIGTERM is cka_jax's (`cka_jax.train.preemption`: a checkpoint, then exit code 75).
+    # JAX's preemption notifier would install a C handler that swallows SIGTERM whenever no
+    # training runs (it only flags a sync point cka_jax does not poll), so a preempted job
+    # would linger until SIGKILL instead of ending.
+    jax.config.update("jax_enable_preemption_service", False)
     try:
         jax.distributed.initialize(**kwargs)
     except (ValueError, RuntimeError) as err:
@@ -96,3 +102,28 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def local_rows(sharding, batch_size: int) -> slice:
+    """The rows of a global batch of ``batch_size`` rows, sharded over its first axis by
+    ``sharding``, that this process's devices hold: all of them for one process, else the
+    contiguous block of its devices."""
+    if jax.process_count() == 1:
+        return slice(0, batch_size)
+    index_map = sharding.addressable_devices_indices_map((batch_size,))
+    starts = sorted(idx[0].start or 0 for idx in index_map.values())
+    stops = sorted(idx[0].stop or batch_size for idx in index_map.values())
+    if any(b != a for a, b in zip(stops[:-1], starts[1:], strict=True)):
+        raise ValueError("this process's devices do not hold a contiguous block of the batch")
+    return slice(starts[0], stops[-1])
+
+
+def put_rows(sharding, local: dict[str, np.ndarray], batch_size: int) -> dict:
+    """Global arrays of ``batch_size`` rows sharded by ``sharding``, from this process's
+    rows (`local_rows`) of each: the whole batch for one process."""
+    if jax.process_count() == 1:
+        return jax.device_put(local, sharding)
+    return {
+        k: jax.make_array_from_process_local_data(sharding, v, (batch_size, *v.shape[1:]))
+        for k, v in local.items()
+    }

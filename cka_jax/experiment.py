@@ -6,8 +6,10 @@ checkpoints, so re-running a killed command picks up where it stopped.
 
 Workdir layout:
   config.json, tasks.json     what ran: the config and the tasks' classes
+  lock.json                   the run using the workdir now (pid, host, start, command)
   teachers/<task>/            teacher model checkpoints (`cka_jax.teachers`)
-  runs/<method>/seed_<s>/     one student run (`cka_jax.amalgamate`)
+  teachers/<task>.run/        its training run, with fingerprint.json: the fields it used
+  runs/<method>/seed_<s>/     one student run (`cka_jax.amalgamate`), with fingerprint.json
   student/                    the exported amalgamated student, with the union's class names
   results.json, results.md    the report (`cka_jax.report`)
 """
@@ -20,22 +22,35 @@ import logging
 from cka_jax import report, selection, teachers
 from cka_jax.amalgamate import train_student
 from cka_jax.config import resolve_method, validate
-from cka_jax.data import load_source, split_classes, union_of_datasets
+from cka_jax.data import DataNotFoundError, load_source, split_classes, union_of_datasets
+from cka_jax.data.errors import DatasetsNotFoundError
 from cka_jax.distributed import is_primary
 from cka_jax.methods import build_method
+from cka_jax.progress import JobProgress
 from cka_jax.train.students import student_kind
-from cka_jax.workdir import prepare_workdir
+from cka_jax.workdir import WorkdirLock, check_stages, prepare_workdir
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg, workdir) -> str:
-    """Runs the whole experiment; returns the results table (markdown)."""
+def run(cfg, workdir, discard_stale: bool = False) -> str:
+    """Runs the whole experiment; returns the results table (markdown). One run at a time
+    uses a workdir (`WorkdirLock`), and stages another config produced there are refused
+    before any work, or with ``discard_stale`` deleted and rerun (`check_stages`)."""
     validate(cfg)
     workdir = prepare_workdir(workdir)
-    if is_primary():
+    with WorkdirLock(workdir):
+        check_stages(cfg, workdir, discard=discard_stale)
+        return run_stages(cfg, workdir)
+
+
+def run_stages(cfg, workdir) -> str:
+    """The stages, in a locked workdir whose outputs all came from ``cfg``."""
+    if is_primary():  # only now: config.json always describes the results
         (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))
+    progress = JobProgress(students=len(cfg.methods) * len(cfg.seeds))
     # data -> tasks
+    progress.stage("data: loading %s", " + ".join(c.name for c in [cfg.data, *cfg.union]))
     taskset, dataset = prepare_data(cfg)
     if is_primary():
         (workdir / "tasks.json").write_text(json.dumps(taskset.to_dict(), indent=2))
@@ -51,32 +66,47 @@ def run(cfg, workdir) -> str:
     # teachers (each alone, and their ensemble, are the report's first rows)
     frozen, rows = [], []
     if uses_teachers(cfg):
-        frozen = teachers.get_teachers(cfg, taskset, dataset, workdir)
+        progress.add("teacher", teachers.teacher_sources(cfg, taskset, workdir).count("train"))
+        frozen = teachers.get_teachers(cfg, taskset, dataset, workdir, progress)
+        progress.stage("teachers: scoring each alone and their ensemble on the test set")
         rows = report.teacher_rows(cfg, frozen, taskset, dataset)
     else:
         log.info("no method in config.methods uses teachers: none trained or loaded")
     # amalgamation -> evaluation, one run per method and seed
+    label_free = amalgamate_all(cfg, frozen, taskset, dataset, workdir, rows, progress)
+    # report
+    progress.stage("report: exporting the student to %s", workdir / "student")
+    chosen = report.export_student(workdir, label_free)
+    progress.stage("report: drawing figures into %s", workdir / "figures")
+    paths = report.draw_figures(cfg, workdir, label_free, chosen, frozen, taskset, dataset)
+    return report.write_report(workdir, rows, taskset.names, title=cfg.name, figure_paths=paths)
+
+
+def amalgamate_all(cfg, frozen, taskset, dataset, workdir, rows, progress) -> list[dict]:
+    """One student run per method and seed, each reported as it ends (``rows`` grows);
+    returns the result rows of the label-free runs (the candidates for export)."""
     train, holdout = selection.split_holdout(cfg, dataset.train)
     rule = selection.make_selection(cfg, frozen, holdout)
     label_free = []
     for name in cfg.methods:
         method = build_method(*resolve_method(cfg, name)[:2])
         for seed in cfg.seeds:
+            finished = (workdir / "runs" / name / f"seed_{seed}" / "result.json").exists()
+            doing = "finished before" if finished else "amalgamating"
+            progress.start("student", f"student {name} seed {seed}: {doing}")
             row = train_student(cfg, name, seed, frozen, taskset, dataset, workdir, train, rule)
+            progress.finish(cached=finished)
             rows.extend(student_kind(method).report_rows(row))
             if not method.uses_labels:
                 label_free.append(row)
             report.write_report(workdir, rows, taskset.names, title=cfg.name)
-    # report
-    report.export_student(workdir, label_free)
-    return report.write_report(workdir, rows, taskset.names, title=cfg.name)
+    return label_free
 
 
 def prepare_data(cfg):
     """Returns ``(taskset, dataset)`` with union labels laid out in teacher order."""
     if cfg.union:
-        datasets = [load_source(cfg.data)] + [load_source(c) for c in cfg.union]
-        return union_of_datasets(datasets)
+        return union_of_datasets(load_union(cfg))
     dataset = load_source(cfg.data)
     class_lists = cfg.tasks.get("class_lists") or None
     try:
@@ -89,6 +119,25 @@ def prepare_data(cfg):
         )
     except ValueError as err:
         raise ValueError(f"config.tasks does not give valid teacher tasks: {err}") from None
+
+
+def load_union(cfg) -> list:
+    """``config.data`` and each of ``config.union``, loaded; every missing one is named in
+    one error, with the override that points at it."""
+    sources = [("--config.data", cfg.data)]
+    sources += [(f"--config.union[{i}]", c) for i, c in enumerate(cfg.union)]
+    datasets, missing = [], []
+    for flag, source in sources:
+        try:
+            datasets.append(load_source(source))
+        except DataNotFoundError as err:
+            field = next((f for f in ("root", "data_dir", "manual_dir") if f in source), "root")
+            missing.append((f"{flag}.{field}=DIR", err))
+    if len(missing) == 1:
+        raise missing[0][1]
+    if missing:
+        raise DatasetsNotFoundError(missing)
+    return datasets
 
 
 def uses_teachers(cfg) -> bool:

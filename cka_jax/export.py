@@ -372,19 +372,34 @@ def _check_writable(paths, overwrite: bool) -> None:
             raise ExportError(f"cannot write {path}: {path.parent} is a file")
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Calls ``write(tmp_path)`` and moves the complete file to ``path``."""
+def _write_atomic(path: Path, write, size: int | None = None) -> None:
+    """Calls ``write(tmp_path)`` and moves the complete file to ``path``. A disk without
+    space for it (about ``size`` bytes) is an `ExportError` naming both; the partial file is
+    removed and a file already at ``path`` is left as it was."""
+    from cka_jax.files import disk_full_message, is_disk_full
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        tmp.unlink(missing_ok=True)  # first, so that the message counts the space it held
+        kept = f"A file already at {path.name} is unchanged."
+        raise ExportError(disk_full_message("the export", path, size, kept)) from err
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+    text = json.dumps(obj, indent=2) + "\n"
+    _write_atomic(path, lambda tmp: tmp.write_text(text), len(text.encode()))
+
+
+def _nbytes(state: dict[str, np.ndarray]) -> int:
+    return sum(v.nbytes for v in state.values())
 
 
 def _require(fmt: str) -> None:
@@ -408,7 +423,9 @@ def _require(fmt: str) -> None:
 def _write_safetensors(path: Path, state: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
-    _write_atomic(path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    _write_atomic(
+        path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}), _nbytes(state)
+    )
 
 
 def _write_pth(path: Path, state: dict[str, np.ndarray]) -> None:
@@ -417,7 +434,7 @@ def _write_pth(path: Path, state: dict[str, np.ndarray]) -> None:
     import torch
 
     tensors = OrderedDict((k, torch.from_numpy(v.copy())) for k, v in state.items())
-    _write_atomic(path, lambda tmp: torch.save(tensors, tmp))
+    _write_atomic(path, lambda tmp: torch.save(tensors, tmp), _nbytes(state))
 
 
 def _description(fmt: str, source: Path, meta: dict, architecture: dict, files: dict) -> dict:
@@ -544,7 +561,7 @@ def export_stablehlo(
             f"jax.export failed for platforms {list(platforms)}: {type(err).__name__}: {err}"
         ) from err
     blob = exported.serialize()
-    _write_atomic(paths[".stablehlo"], lambda tmp: tmp.write_bytes(bytes(blob)))
+    _write_atomic(paths[".stablehlo"], lambda tmp: tmp.write_bytes(bytes(blob)), len(blob))
     files = {"program": paths[".stablehlo"], "description": paths[".json"]}
     description = _description("stablehlo", Path(source), meta, architecture, files)
     description["input"] = _input_spec(pre, "NHWC")

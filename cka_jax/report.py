@@ -4,14 +4,20 @@ routing accuracy: how often the merged argmax falls in the image's own task)."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from cka_jax import checkpoint, evaluate
+from cka_jax import checkpoint, common_space, evaluate, figures
 from cka_jax.distributed import is_primary
 from cka_jax.files import write_json_atomic
 from cka_jax.models.build import param_count
+
+log = logging.getLogger(__name__)
 
 
 def teacher_rows(cfg, teachers, taskset, dataset) -> list[dict]:
@@ -27,17 +33,44 @@ def teacher_rows(cfg, teachers, taskset, dataset) -> list[dict]:
     return rows
 
 
-def export_student(workdir: Path, candidates: list[dict]) -> None:
-    """Copies one amalgamated student to workdir/student/: among the result rows of the
-    label-free runs (in ``config.methods`` and seed order), the best by the label-free
-    selection score when they have one, else the first. Test accuracy plays no part."""
+def export_student(workdir: Path, candidates: list[dict]) -> dict | None:
+    """Copies one amalgamated student to workdir/student/ and returns its result row: among
+    the result rows of the label-free runs (in ``config.methods`` and seed order), the best
+    by the label-free selection score when they have one, else the first. Test accuracy
+    plays no part."""
     if not candidates:
-        return
+        return None
     scored = [r for r in candidates if r["selection"]["score"] is not None]
     best = max(scored, key=lambda r: r["selection"]["score"]) if scored else candidates[0]
     src = Path(workdir) / "runs" / best["method"] / f"seed_{best['seed']}" / "selected"
     _, variables, meta = checkpoint.load_model(src)
     checkpoint.save_model(Path(workdir) / "student", variables, meta)
+    return best
+
+
+def draw_figures(
+    cfg, workdir: Path, candidates, exported, teachers, taskset, dataset
+) -> list[Path]:
+    """The workdir's figures (`cka_jax.figures`); the t-SNE shows the common space of the
+    run `common_space.figure_run` picks among the label-free ``candidates`` and the
+    ``exported`` one. A figure that cannot be drawn is a warning: the results stand.
+    Every process reads the checkpoints (orbax's reads are collective), process 0 draws."""
+    space = None
+    try:
+        shown = common_space.figure_run(cfg, candidates, exported)
+        if shown is not None:
+            space = common_space.points(
+                cfg, shown["method"], shown["seed"], teachers, taskset, dataset, workdir
+            )
+    except Exception as err:  # noqa: BLE001  (figures are extras: never lose a finished run)
+        log.warning("common space not drawn (%s: %s)", type(err).__name__, err)
+    if not is_primary():
+        return []
+    try:
+        return figures.draw(workdir, space)
+    except Exception as err:  # noqa: BLE001
+        log.warning("figures not drawn (%s: %s)", type(err).__name__, err)
+        return sorted((Path(workdir) / figures.FIGURES_DIR).glob("*.png"))
 
 
 def _mean_std(values):
@@ -99,8 +132,11 @@ def markdown_table(summary: dict, task_names) -> str:
     return "\n".join(lines)
 
 
-def write_report(workdir, rows: list[dict], task_names, *, title: str = "Results") -> str:
-    """Writes results.json and results.md into ``workdir``; returns the markdown table."""
+def write_report(
+    workdir, rows: list[dict], task_names, *, title: str = "Results", figure_paths=()
+) -> str:
+    """Writes results.json and results.md (linking ``figure_paths``) into ``workdir``;
+    returns the markdown table."""
     workdir = Path(workdir)
     summary = summarize(rows)
     table = markdown_table(summary, list(task_names))
@@ -114,5 +150,82 @@ def write_report(workdir, rows: list[dict], task_names, *, title: str = "Results
         "Teacher rows score one teacher alone (its probabilities outside its classes are 0). "
         "Students are the final ones (no test-set selection)."
     )
-    (workdir / "results.md").write_text(f"# {title}\n\n{table}\n\n{note}\n")
+    links = "".join(
+        f"\n![{Path(p).stem}]({Path(p).relative_to(workdir).as_posix()})\n" for p in figure_paths
+    )
+    figures_md = f"\n## Figures\n{links}" if links else ""
+    (workdir / "results.md").write_text(f"# {title}\n\n{table}\n\n{note}\n{figures_md}")
     return table
+
+
+def _load_teachers(cfg, taskset, workdir: Path) -> list:
+    """The workdir's frozen teachers, loaded only (never trained); [] if any is missing."""
+    from cka_jax.teachers import teacher_model_configs
+    from cka_jax.train.spec import compute_dtype
+
+    loaded = []
+    for name, m in zip(taskset.names, teacher_model_configs(cfg, taskset.num_tasks), strict=True):
+        directory = m.checkpoint if m.checkpoint and not m.finetune else workdir / "teachers" / name
+        if not checkpoint.has_model(directory):
+            return []
+        model, variables, _ = checkpoint.load_model(directory, dtype=compute_dtype(cfg))
+        loaded.append((model, variables))
+    return loaded
+
+
+def _uses_labels(cfg, name: str) -> bool:
+    from cka_jax.config import resolve_method
+    from cka_jax.methods import build_method
+
+    return build_method(*resolve_method(cfg, name)[:2]).uses_labels
+
+
+def redraw(workdir) -> list[Path]:
+    """Redraws the figures of a finished (or partial) workdir and rewrites its results.md."""
+    import ml_collections
+
+    from cka_jax.experiment import prepare_data
+
+    workdir = Path(workdir)
+    missing = [f for f in ("config.json", "results.json") if not (workdir / f).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{workdir} has no {' or '.join(missing)}: give the --workdir of a run of "
+            "python -m cka_jax.main"
+        )
+    cfg = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    rows = json.loads((workdir / "results.json").read_text())["rows"]
+    taskset, dataset = prepare_data(cfg)
+    exported = None
+    if checkpoint.has_model(workdir / "student"):
+        meta = json.loads((workdir / "student" / "model.json").read_text())
+        key = (meta.get("method"), meta.get("seed"))
+        exported = next((r for r in rows if (r["method"], r.get("seed")) == key), None)
+    students = [r for r in rows if r.get("seed") is not None and "selection" in r]
+    label_free = [r for r in students if not _uses_labels(cfg, r["method"])]
+    teachers = _load_teachers(cfg, taskset, workdir)
+    paths = draw_figures(cfg, workdir, label_free, exported, teachers, taskset, dataset)
+    write_report(workdir, rows, taskset.names, title=cfg.name, figure_paths=paths)
+    return paths
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m cka_jax.report",
+        description="Draws a workdir's figures (figures/*.png) and rewrites its results.md.",
+    )
+    parser.add_argument("--workdir", required=True, help="the --workdir of a main run")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        paths = redraw(args.workdir)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    for path in paths:
+        print(f"wrote {path}")
+    print(f"wrote {Path(args.workdir) / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()

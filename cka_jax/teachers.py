@@ -2,7 +2,7 @@
 names, reloaded from this workdir, or trained here on its task's labels.
 
     teachers/<task>/        the teacher (model.json + variables), trained here or copied
-    teachers/<task>.run/    its training run (checkpoints, metrics.jsonl)
+    teachers/<task>.run/    its training run (checkpoints, metrics.jsonl, fingerprint.json)
 """
 
 from __future__ import annotations
@@ -15,9 +15,13 @@ import numpy as np
 
 from cka_jax import checkpoint, evaluate, methods
 from cka_jax.data import task_subset
+from cka_jax.data.presets import IMAGENET_MEAN, IMAGENET_STD, eval_kwargs
 from cka_jax.models.build import init_model, model_meta
+from cka_jax.models.renormalized import Renormalized, renormalization
+from cka_jax.progress import JobProgress
 from cka_jax.train.loop import FitOptions, fit
 from cka_jax.train.spec import compute_dtype, step_spec, view_shape
+from cka_jax.workdir import record_fingerprint, teacher_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -38,24 +42,89 @@ def teacher_model_configs(cfg, num_tasks: int) -> list[ml_collections.ConfigDict
     return out
 
 
-def get_teachers(cfg, taskset, dataset, workdir: Path):
+def teacher_sources(cfg, taskset, workdir: Path) -> list[str]:
+    """Where each task's teacher comes from: 'checkpoint' (named by the config), 'workdir'
+    (trained here before) or 'train' (to train now)."""
+    sources = []
+    for name, m in zip(taskset.names, teacher_model_configs(cfg, taskset.num_tasks), strict=True):
+        if m.checkpoint and not m.finetune:
+            sources.append("checkpoint")
+        elif checkpoint.has_model(workdir / "teachers" / name):
+            sources.append("workdir")
+        else:
+            sources.append("train")
+    return sources
+
+
+def get_teachers(cfg, taskset, dataset, workdir: Path, progress: JobProgress | None = None):
     """Returns ``[(model, variables)]`` in task order: a frozen checkpoint the config names,
     the teacher this workdir trained before, or one trained now on the task's labels."""
+    progress = progress or JobProgress()
     teachers = []
-    for t, (name, m) in enumerate(
-        zip(taskset.names, teacher_model_configs(cfg, taskset.num_tasks), strict=True)
-    ):
+    configs = teacher_model_configs(cfg, taskset.num_tasks)
+    sources = teacher_sources(cfg, taskset, workdir)
+    for t, (name, m, source) in enumerate(zip(taskset.names, configs, sources, strict=True)):
         task_classes = [taskset.class_names[c] for c in taskset.classes[t]]
         out_dir = workdir / "teachers" / name
-        if m.checkpoint and not m.finetune:
+        if source == "checkpoint":
+            progress.stage("teacher %s: loading %s", name, m.checkpoint)
             model, variables, meta = checkpoint.load_model(m.checkpoint, dtype=compute_dtype(cfg))
             check_teacher_fits(meta, m, cfg, t, name, len(task_classes))
-        elif checkpoint.has_model(out_dir):
+            model = adapt_to_run(model, meta, cfg, name)
+        elif source == "workdir":
+            progress.stage("teacher %s: loading %s (trained before)", name, out_dir)
             model, variables, meta = checkpoint.load_model(out_dir, dtype=compute_dtype(cfg))
         else:
+            progress.start("teacher", f"teacher {name}: training")
             model, variables = train_teacher(cfg, m, taskset, dataset, t, out_dir)
+            progress.finish()
         teachers.append((model, variables))
     return teachers
+
+
+def adapt_to_run(model, meta: dict, cfg, task: str):
+    """A checkpoint teacher as the run must call it: behind `Renormalized` when its stored
+    mean/std differ from the run's; a warning naming both when its image size or crop
+    differ (the views are shared by every model, so those cannot be matched per teacher)."""
+    stored = meta.get("preprocess") or {}
+    run = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, **eval_kwargs(cfg.augment)}
+    for key in ("out_size", "crop_fraction"):
+        if key in stored and key in run and float(stored[key]) != float(run[key]):
+            log.warning(
+                "teacher %s was trained with %s=%s but this run feeds %s=%s "
+                "(config.augment.%s); its accuracy may drop. Set config.augment.%s=%s to match",
+                task,
+                key,
+                stored[key],
+                key,
+                run[key],
+                key,
+                key,
+                stored[key],
+            )
+    if "mean" not in stored or "std" not in stored:
+        return model
+    c = int(cfg.augment.channels)
+    pairs = [
+        tuple(_channels(v, c)) for v in (run["mean"], run["std"], stored["mean"], stored["std"])
+    ]
+    if pairs[0] == pairs[2] and pairs[1] == pairs[3]:
+        return model
+    log.warning(
+        "teacher %s was trained on inputs normalised with mean %s std %s; this run uses mean %s "
+        "std %s: its inputs are renormalised to its own",
+        task,
+        pairs[2],
+        pairs[3],
+        pairs[0],
+        pairs[1],
+    )
+    return Renormalized(model, *renormalization(*pairs))
+
+
+def _channels(values, channels: int) -> list[float]:
+    values = [float(v) for v in values]
+    return (values * 3 if len(values) == 1 else values)[:channels]
 
 
 def check_teacher_fits(meta: dict, m, cfg, t: int, task: str, num_classes: int) -> None:
@@ -92,6 +161,8 @@ def per_class_fraction(split, fraction: float, seed: int):
 
 def train_teacher(cfg, m, taskset, dataset, t, out_dir: Path):
     name = taskset.names[t]
+    # What this teacher's numbers depend on, recorded before any work (cka_jax.workdir).
+    record_fingerprint(out_dir.with_name(name + ".run"), teacher_fingerprint(cfg, t, name))
     num_classes = taskset.sizes[t]
     seed = int(cfg.tasks.seed) + 1000 * (t + 1)
     model, variables = init_model(

@@ -5,7 +5,7 @@ Both datasets are read from their official files (docs/data.md), by default from
 ~/data/stanford_cars and ~/data/fgvc-aircraft-2013b:
 
     python -m cka_jax.main --config=configs/cars_aircraft.py --workdir=runs/cars_aircraft \
-        --config.data.root=/data/stanford_cars --config.union.0.root=/data/fgvc-aircraft-2013b
+        --config.data.root=/data/stanford_cars "--config.union[0].root=/data/fgvc-aircraft-2013b"
 
 ``--config=configs/cars_aircraft.py:tfds`` reads tfds's prepared ``cars196`` instead.
 Teachers trained elsewhere (e.g. ported from PyTorch with scripts/port_torch_resnet.py) are

@@ -17,11 +17,13 @@ import pytest  # noqa: E402 - after the environment is set
 
 @pytest.fixture(scope="session")
 def tiny_main_run(tmp_path_factory):
-    """The tiny main job run once, start to end, in a fresh process with two CPU devices."""
+    """The tiny main job run once, start to end, in a fresh process with two CPU devices;
+    what it printed is beside the workdir, in ``<workdir>.log``."""
     from tests.main_process import run_main
 
     workdir = tmp_path_factory.mktemp("tiny_main_run")
-    run_main(workdir, env={**os.environ, "XLA_FLAGS": xla_flags(2)})
+    printed = run_main(workdir, env={**os.environ, "XLA_FLAGS": xla_flags(2)})
+    workdir.with_suffix(".log").write_text(printed)
     return workdir
 
 

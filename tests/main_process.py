@@ -21,8 +21,12 @@ def main_command(workdir, *extra) -> list[str]:
     return [sys.executable, "-m", "cka_jax.main", *TINY_ARGS, f"--workdir={workdir}", *extra]
 
 
-def run_main(workdir, env=None) -> None:
-    subprocess.run(main_command(workdir), cwd=REPO, env=env, check=True, capture_output=True)
+def run_main(workdir, env=None) -> str:
+    """Runs the tiny main job to the end; returns what it printed (stdout + stderr)."""
+    done = subprocess.run(
+        main_command(workdir), cwd=REPO, env=env, check=True, capture_output=True, text=True
+    )
+    return done.stdout + done.stderr
 
 
 def final_state(run_dir):

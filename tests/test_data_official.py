@@ -420,3 +420,36 @@ def test_cars_aircraft_config_runs_end_to_end_without_tensorflow(tmp_path):
     tasks = json.loads((workdir / "tasks.json").read_text())
     assert tasks["names"] == ["stanford_cars", "fgvc_aircraft"]
     assert [len(c) for c in tasks["classes"]] == [3, 2]
+
+
+def test_cars_aircraft_names_every_missing_dataset_at_once(tmp_path):
+    from cka_jax import experiment
+    from configs import cars_aircraft
+
+    cfg = cars_aircraft.get_config()
+    cfg.data.root, cfg.union[0].root = str(tmp_path / "no_cars"), str(tmp_path / "no_air")
+    with pytest.raises(DataNotFoundError) as err:
+        experiment.prepare_data(cfg)
+    text = str(err.value)
+    assert "2 datasets of this config are missing" in text
+    assert "--config.data.root=DIR" in text and "--config.union[0].root=DIR" in text
+    assert "cars_meta.mat" in text and "variants.txt" in text  # each one's own files
+    assert str(tmp_path / "no_cars") in text and str(tmp_path / "no_air") in text
+
+
+def test_a_dotted_tuple_index_on_the_command_line_gets_the_bracket_form(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cka_jax.main",
+            "--config=configs/cars_aircraft.py",
+            f"--workdir={tmp_path}",
+            "--config.union.0.root=/data/air",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert "--config.union[0].root" in done.stderr and "Traceback" not in done.stderr

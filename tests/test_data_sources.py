@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from cka_jax.data import DataNotFoundError, default_source_config, load_source
+from cka_jax.data.folder import ImageFolderError
 
 # --- helpers ------------------------------------------------------------------------------
 
@@ -338,6 +339,33 @@ def test_image_folder_missing(tmp_path):
     with pytest.raises(DataNotFoundError) as e:
         load_source({"name": "image_folder", "root": str(tmp_path)})
     assert str(tmp_path) in str(e.value) and "test/<class name>/" in str(e.value)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_image_folder_class_folder_without_images_is_named(tmp_path, split):
+    make_image_folder(tmp_path)
+    (tmp_path / split / "bee").mkdir()
+    (tmp_path / split / "wasp").mkdir()
+    (tmp_path / split / "wasp" / "notes.txt").write_text("no images here")
+    if split == "test":  # a test class needs its training folder (with images)
+        for name in ("bee", "wasp"):
+            make_image_folder(tmp_path / "extra", classes=(name,), per_split={"train": 1})
+            (tmp_path / "extra" / "train" / name).rename(tmp_path / "train" / name)
+    with pytest.raises(ImageFolderError) as e:
+        load_source({"name": "image_folder", "root": str(tmp_path), "image_size": 8})
+    assert str(e.value) == (
+        f"{tmp_path.name}: class folder(s) without images: {tmp_path / split / 'bee'}/ (empty), "
+        f"{tmp_path / split / 'wasp'}/ (1 file(s), none an image). Each class folder needs "
+        "image files (.jpg, .jpeg, .png, .bmp, .webp); add them or remove the folder"
+    )
+
+
+def test_image_folder_test_class_missing_from_train_is_named(tmp_path):
+    make_image_folder(tmp_path)
+    make_image_folder(tmp_path / "extra", classes=("bee",), per_split={"test": 1})
+    (tmp_path / "extra" / "test" / "bee").rename(tmp_path / "test" / "bee")
+    with pytest.raises(ImageFolderError, match=r"test class\(es\) \['bee'\] have no folder in"):
+        load_source({"name": "image_folder", "root": str(tmp_path), "image_size": 8})
 
 
 # --- numpy --------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -370,6 +371,12 @@ def torch_zip_bytes(state):
     return buffer.getvalue()
 
 
+def npz_bytes(arrays):
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
 def legacy_pickle_bytes(state):
     """What ``torch.save`` wrote before PyTorch 1.6 (a pickle followed by the storages)."""
     buffer = io.BytesIO()
@@ -433,6 +440,22 @@ BAD_FILES = {
         r"w\.pth holds safetensors data, not a PyTorch checkpoint: rename it to end in "
         r"\.safetensors",
     ),
+    "numpy_npz_named_pth": (  # a zip archive, but not torch.save's
+        "w.pth",
+        lambda: npz_bytes({"conv1.weight": np.ones((4, 3, 3, 3))}),
+        r"could not read .*w\.pth as a PyTorch checkpoint: it is truncated, corrupt or not "
+        r"written by torch\.save",
+    ),
+    "tensor_not_state_dict": (
+        "w.pth",
+        lambda: torch_zip_bytes(torch.ones(3)),
+        r"w\.pth: expected a state_dict \(a mapping of names to tensors\), got a Tensor",
+    ),
+    "bad_safetensors_header": (
+        "w.safetensors",
+        lambda: (16).to_bytes(8, "little") + b'{"a": 1}' + b" " * 8,
+        r"could not read .*w\.safetensors as a safetensors file: it is truncated, corrupt",
+    ),
     "plain_pickle_protocol_5": (
         "w.pth",
         lambda: pickle.dumps({"fc.weight": np.ones(2)}, protocol=5),
@@ -468,17 +491,24 @@ def run_command_line(args):
     )
 
 
-def test_command_line_reports_a_bad_file_in_one_line_with_exit_code_2(tmp_path):
-    """``python -m cka_jax.port``, and the scripts/ file that wraps it, in a fresh process."""
-    path = tmp_path / "teacher.pth"
-    path.write_bytes(torch_zip_bytes(SMALL)[:200])  # truncated
-    for command in (["-m", "cka_jax.port"], [str(REPO / "scripts" / "port_torch_resnet.py")]):
+@pytest.mark.parametrize("case", ["truncated_zip", "random_pth", "safetensors_named_pth"])
+def test_command_line_reports_a_bad_file_in_one_line_with_exit_code_2(tmp_path, case):
+    """``python -m cka_jax.port``, and the scripts/ file that wraps it, in a fresh process, on
+    a truncated file, random bytes and a file of another format."""
+    name, contents, message = BAD_FILES[case]
+    path = tmp_path / f"teacher{Path(name).suffix}"
+    path.write_bytes(contents())
+    commands = [["-m", "cka_jax.port"]]
+    if case == "truncated_zip":
+        commands.append([str(REPO / "scripts" / "port_torch_resnet.py")])
+    for command in commands:
         result = run_command_line(
             [*command, "--checkpoint", str(path), "--out", str(tmp_path / "out")]
         )
         assert result.returncode == 2, result.stderr
         lines = result.stderr.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: could not read "), result.stderr
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        assert re.search(message.replace(name.replace(".", r"\."), ""), lines[0]), lines[0]
         assert str(path) in lines[0] and "Traceback" not in result.stderr
         assert not (tmp_path / "out").exists()
 

@@ -48,3 +48,21 @@ class DataNotFoundError(FileNotFoundError):
 
 class DataPreparationError(RuntimeError):
     """The files are present but turning them into a prepared dataset failed."""
+
+
+class DatasetsNotFoundError(DataNotFoundError):
+    """Several datasets of one config are missing: each named, with the command-line
+    override that points at it, in one error (so one run of the command lists them all)."""
+
+    def __init__(self, missing: Sequence[tuple[str, DataNotFoundError]]):
+        self.missing = tuple(missing)
+        first = self.missing[0][1]
+        self.dataset, self.directory = first.dataset, first.directory
+        self.files, self.hint = first.files, first.hint
+        parts = [f"{len(self.missing)} datasets of this config are missing:"]
+        for override, err in self.missing:
+            parts += ["", f"[{err.dataset}] point at it with {override}", str(err)]
+        FileNotFoundError.__init__(self, "\n".join(parts))
+
+    def __reduce__(self):
+        return (type(self), (self.missing,))

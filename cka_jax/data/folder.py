@@ -33,10 +33,35 @@ def list_image_folder(root: str, split: str) -> tuple[list[str], list[str]]:
     return classes, sorted(files)
 
 
+class ImageFolderError(ValueError):
+    """An image folder whose class folders do not make a dataset (the message says why)."""
+
+
+def check_class_folders(name: str, split_dir: str, classes, files) -> None:
+    """Every class folder must hold at least one image (IMAGE_EXTENSIONS, any depth)."""
+    counts = dict.fromkeys(classes, 0)
+    for f in files:
+        counts[os.path.relpath(f, split_dir).split(os.sep)[0]] += 1
+    empty = [c for c, n in counts.items() if n == 0]
+    if empty:
+        others = {c: sum(len(n) for _, _, n in os.walk(os.path.join(split_dir, c))) for c in empty}
+        detail = ", ".join(
+            f"{os.path.join(split_dir, c)}/ "
+            + (f"({others[c]} file(s), none an image)" if others[c] else "(empty)")
+            for c in empty
+        )
+        raise ImageFolderError(
+            f"{name}: class folder(s) without images: {detail}. Each class folder needs "
+            f"image files ({', '.join(IMAGE_EXTENSIONS)}); add them or remove the folder"
+        )
+
+
 def load_image_folder(cfg: ml_collections.ConfigDict) -> Dataset:
     """Loads ``root/{train_split,test_split}/<class>/*`` (decoded once, then cached).
 
     A corrupt or zero-byte image is skipped with a warning, or raises when ``cfg.strict``.
+    A class folder without images, or a test class without a training folder, raises
+    `ImageFolderError` naming them.
     """
     if not cfg.root:
         raise ValueError("image_folder source: set cfg.root")
@@ -59,7 +84,13 @@ def load_image_folder(cfg: ml_collections.ConfigDict) -> Dataset:
         )
     extra = sorted(set(listing["test"][0]) - set(class_names))
     if extra:
-        raise ValueError(f"{name}: test classes {extra} have no folder in {cfg.train_split}/")
+        raise ImageFolderError(
+            f"{name}: test class(es) {extra} have no folder in {root}/{cfg.train_split}/: "
+            f"the student could never learn them. Add {cfg.train_split}/<class>/ with "
+            f"training images for each, or remove them from {cfg.test_split}/"
+        )
+    for k, split in splits.items():
+        check_class_folders(name, os.path.join(root, split), *listing[k])
     index = {c: i for i, c in enumerate(class_names)}
 
     def label_of(path: str, split: str) -> int:

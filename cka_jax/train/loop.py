@@ -5,7 +5,9 @@ device every `log_every` steps (no host sync per step); every `log_every` steps 
 each loss term contributes (`cka_jax.diagnostics`, a separate jitted function, so the step
 itself is unchanged); checks every loss term for NaN/inf before any checkpoint is written;
 evaluates at each epoch end; checkpoints every `checkpoint_every` steps and at the end; and
-resumes from the newest loadable checkpoint.
+resumes from the newest loadable checkpoint. SIGTERM or SIGINT (a cluster preempting the job,
+Ctrl-C) ends the step in flight, writes a checkpoint of it and raises `Preempted`
+(`cka_jax.train.preemption`); every process of a multi-process run stops at the same step.
 
 Model selection never looks at the test set: ``evaluate`` (test accuracy) only reports. The
 kept model (`Keep`) is the final one, or, with ``Keep.select``, the best by that label-free
@@ -14,6 +16,7 @@ score.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -25,9 +28,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from cka_jax.checkpoint import RunCheckpoints, save_model
+from cka_jax.checkpoint import DiskFullError, RunCheckpoints, save_model
 from cka_jax.data import num_batches, train_batch
 from cka_jax.distributed import is_primary
+from cka_jax.files import disk_full_message, is_disk_full
+from cka_jax.train.preemption import Preempted, StopAgreement, StopRequests
 from cka_jax.train.runtime import Runner
 from cka_jax.train.step import StepSpec, create_train_state
 
@@ -96,7 +101,8 @@ class MetricsLog:
             for line in self.path.read_text().splitlines():
                 if line.strip() and json.loads(line).get("step", 0) <= resume_step:
                     kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
+        with self._disk_full_as_error():
+            self.path.write_text("".join(line + "\n" for line in kept))
         self.file = self.path.open("a")
         try:
             from tensorboardX import SummaryWriter
@@ -108,7 +114,8 @@ class MetricsLog:
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        with self._disk_full_as_error():
+            self.file.write(json.dumps({"step": step, **values}) + "\n")
         if self.tb is not None:
             for key, value in values.items():
                 if isinstance(value, int | float):
@@ -117,9 +124,23 @@ class MetricsLog:
     def close(self) -> None:
         if not self.enabled:
             return
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+        try:
+            with self._disk_full_as_error():
+                self.file.close()
+        finally:
+            if self.tb is not None:
+                self.tb.close()
+
+    @contextlib.contextmanager
+    def _disk_full_as_error(self):
+        """A metrics line the disk has no room for is a `DiskFullError`, not a traceback."""
+        try:
+            yield
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            kept = "The run's checkpoints are intact."
+            raise DiskFullError(disk_full_message("metrics", self.path, None, kept)) from err
 
 
 def _scalars(result: dict, prefix: str) -> dict:
@@ -187,6 +208,12 @@ class _Fit:
         self.pending_diagnostics: list[tuple[int, dict]] = []
 
     def run(self, student_variables, teacher_variables) -> FitResult:
+        # SIGTERM/SIGINT are handled for the whole fit, and only then (a stop elsewhere loses
+        # no work); one that comes before the first step stops the run after it.
+        with StopRequests() as requests:
+            return self._run(student_variables, teacher_variables, requests)
+
+    def _run(self, student_variables, teacher_variables, requests: StopRequests) -> FitResult:
         spec, runner, options = self.spec, self.runner, self.options
         state = create_train_state(
             spec, student_variables, teacher_variables, jax.random.key(self.seed)
@@ -201,18 +228,19 @@ class _Fit:
             self.meta.update(meta)
             log.info("%s: resuming from step %d", self.name, int(state.step))
         start = int(state.step)
+        self.saved_step = start if restored is not None else None
         self.metrics_log = MetricsLog(self.run_dir, start, enabled=is_primary())
         self.state = runner.put_state(state)
         teachers = runner.put_replicated(teacher_variables)
         self.t_start = self.t_window = time.time()
         self.steps_window = 0
         try:
-            for step in range(start, self.total_steps):
-                self._step(step, teachers)
-            self._flush()
+            self._loop(start, teachers, requests)
         finally:
-            self.metrics_log.close()
-            self.checkpoints.close()
+            try:
+                self.metrics_log.close()
+            finally:
+                self.checkpoints.close()
         final = runner.get_state(self.state)
         return FitResult(
             variables=self.keep.deploy(_student_variables(final)),
@@ -221,6 +249,34 @@ class _Fit:
             diagnostics=self.meta["diagnostics"],
             wall_s=time.time() - self.t_start,
         )
+
+    def _loop(self, start: int, teachers, requests: StopRequests) -> None:
+        """The steps from ``start``; stops early (`Preempted`) when asked to."""
+        stop = StopAgreement(requests)
+        for step in range(start, self.total_steps):
+            self._step(step, teachers)
+            if stop.after_step():
+                self._stop(step + 1, requests)
+        self._flush()
+        if stop.at_end():  # asked during the last step: its checkpoint is written already
+            self._stop(self.total_steps, requests)
+
+    def _stop(self, done: int, requests: StopRequests) -> None:
+        """Ends a run asked to stop after step ``done``: its metrics flushed, its checkpoint
+        written (unless it was a checkpoint step), then `Preempted`."""
+        self._flush()
+        if self.saved_step != done:
+            self._save(done)
+        why = f"by {requests.signal_name}" if requests.signal_name else "with the other processes"
+        raise Preempted(
+            f"{self.name}: stopped {why} after step {done} of {self.total_steps}; its "
+            f"checkpoint is in {self.checkpoints.directory}. Rerun the same command to "
+            "resume from it."
+        )
+
+    def _save(self, done: int) -> None:
+        self.checkpoints.save(done, self.runner.get_state(self.state), self.meta)
+        self.saved_step = done
 
     def _step(self, step: int, teachers) -> None:
         runner, batch_size = self.runner, self.options.batch_size
@@ -242,21 +298,29 @@ class _Fit:
             self._evaluate_and_keep(done, epoch)
         if done % self.checkpoint_every == 0 or done == self.total_steps:
             self._flush()
-            self.checkpoints.save(done, runner.get_state(self.state), self.meta)
+            self._save(done)
 
     def _flush(self) -> None:
         """Fetches the pending metrics (one host sync), checks them, logs them."""
         if not self.pending:
             return
         fetched = jax.device_get([m for _, m in self.pending])
+        schedule = self.spec.learning_rate
+        lines = []  # (step, 0: metrics / 1: diagnostics, values)
         for (step, _), values in zip(self.pending, fetched, strict=True):
             values = {k: float(v) for k, v in values.items()}
             self._check_finite(step, values)
-            self.metrics_log.write(step, values)
+            if schedule is not None:  # the rate of this step's update (count step - 1)
+                values["lr"] = float(schedule(step - 1))
+            lines.append((step, 0, values))
         for step, values in jax.device_get(self.pending_diagnostics):
             values = {k: round(float(v), 6) for k, v in values.items()}
-            self.metrics_log.write(step, values)
+            lines.append((step, 1, values))
             self.meta["diagnostics"].append({"step": step, **values})
+        # In step order, so that metrics.jsonl does not depend on which steps were fetched
+        # together (a resumed run fetches at other steps than an uninterrupted one).
+        for step, _, values in sorted(lines, key=lambda line: line[:2]):
+            self.metrics_log.write(step, values)
         self._log_progress({k: float(v) for k, v in fetched[-1].items()})
         self.pending.clear()
         self.pending_diagnostics.clear()
@@ -305,7 +369,7 @@ class _Fit:
             record["selection_score"] = score
         self.meta["history"].append(record)
         scores = {k: v for k, v in record.items() if k not in ("epoch", "step")}
-        self.metrics_log.write(done, _scalars(scores, "eval/"))
+        self.metrics_log.write(done, {"epoch": epoch, **_scalars(scores, "eval/")})
         log.info("[%s] epoch %d eval %s", self.name, epoch, _rounded(record))
         if keep.directory is None:
             return

@@ -11,7 +11,7 @@ import ml_collections
 from cka_jax.config import resolve_method, resolve_peers
 from cka_jax.data import augment_with_keys, train_kwargs
 from cka_jax.methods import build_method
-from cka_jax.train.step import StepSpec, build_heads, make_optimizer
+from cka_jax.train.step import StepSpec, build_heads, learning_rate_schedule, make_optimizer
 from cka_jax.train.students import student_kind
 
 
@@ -51,6 +51,7 @@ def step_spec(
         view_shape=view_shape(cfg.augment),
         tx=make_optimizer(optimizer_cfg.learning_rate, optimizer_cfg.weight_decay, total_steps),
         num_data=int(num_data),
+        learning_rate=learning_rate_schedule(optimizer_cfg.learning_rate, total_steps),
     )
 
 

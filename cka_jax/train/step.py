@@ -64,6 +64,7 @@ class StepSpec:
     view_shape: tuple[int, int, int]  # (H, W, C) of one augmented view
     tx: optax.GradientTransformation
     num_data: int = 0  # training-set size: the rows of MCL-OKD's memory bank
+    learning_rate: Callable | None = None  # step -> the rate of that update (for the logs)
 
     @property
     def kind(self):
@@ -72,9 +73,15 @@ class StepSpec:
 
 
 @functools.cache  # equal settings -> the same object, so equal StepSpecs hash equal
+def learning_rate_schedule(learning_rate: float, total_steps: int):
+    """Cosine decay from ``learning_rate`` to 0 over ``total_steps`` updates."""
+    return optax.cosine_decay_schedule(learning_rate, max(int(total_steps), 1))
+
+
+@functools.cache  # equal settings -> the same object, so equal StepSpecs hash equal
 def make_optimizer(learning_rate: float, weight_decay: float, total_steps: int):
     """Adam with cosine decay; weight decay added to the gradient (torch.optim.Adam's L2)."""
-    schedule = optax.cosine_decay_schedule(learning_rate, max(int(total_steps), 1))
+    schedule = learning_rate_schedule(learning_rate, total_steps)
     return optax.chain(
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_adam(),

@@ -1,0 +1,212 @@
+"""Preemption: SIGTERM or SIGINT during training finishes the step, writes its checkpoint,
+flushes the metrics and exits with code 75; the rerun ends bit-identical to a run never
+interrupted (states, results.json, metrics.jsonl). Under two processes, a signal to one of
+them stops both at the same step. The handlers live only as long as a fit."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cka_jax.train.loop import FitOptions, fit
+from cka_jax.train.preemption import EXIT_CODE, Preempted, StopRequests
+from tests.main_process import REPO, assert_same_run, final_state, main_command
+from tests.test_selection import tiny_split
+from tests.test_step_parallel import BATCH, build
+from tests.xla_env import xla_flags
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+TEACHER_RUNS = ("teachers/task0.run", "teachers/task1.run")
+RUNS = ("runs/kd/seed_0", *TEACHER_RUNS)
+STOPPED = re.compile(
+    r"stopped: (.+): stopped (by \S+|with the other processes) after step (\d+) of (\d+)"
+)
+
+
+def test_handlers_are_installed_for_the_block_only_and_a_second_signal_stops_at_once():
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with pytest.raises(Preempted), StopRequests() as requests:
+        assert signal.getsignal(signal.SIGTERM) == requests._handle
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)  # Python runs the handler between bytecodes
+        assert requests.signal_name == "SIGTERM"  # noted, nothing else: the loop acts on it
+        raise Preempted("the loop's checkpoint is written")
+    assert {s: signal.getsignal(s) for s in before} == before
+
+    # The second signal is handled as without a handler (SIGINT: KeyboardInterrupt).
+    with pytest.raises(KeyboardInterrupt), StopRequests():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+    assert {s: signal.getsignal(s) for s in before} == before
+
+    # A signal no loop acted on is delivered again when the block ends.
+    with pytest.raises(KeyboardInterrupt), StopRequests():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def small_fit(run_dir, on_evaluate=lambda: None):
+    spec, state, teacher_vars, _ = build("kd")
+
+    def evaluate(variables):
+        on_evaluate()
+        return {"merged_acc": 50.0}
+
+    return fit(
+        name="t",
+        spec=spec,
+        options=FitOptions(parallelism="single", batch_size=BATCH, log_every=2, eval_every=1),
+        student_variables={"params": state.params["student"], "batch_stats": state.batch_stats},
+        teacher_variables=teacher_vars,
+        split=tiny_split(3 * BATCH),  # 3 steps per epoch, checkpoints at epoch ends
+        epochs=3,
+        seed=0,
+        run_dir=run_dir,
+        evaluate=evaluate,
+    )
+
+
+def test_sigint_in_a_fit_stops_after_the_step_and_the_rerun_ends_identical(tmp_path):
+    """In this process: Ctrl-C while epoch 1 is evaluated stops after step 3 with its
+    checkpoint; the rerun continues from there to the uninterrupted run's end, bit for bit."""
+    before = signal.getsignal(signal.SIGINT)
+    reference = small_fit(tmp_path / "reference")
+    interrupted = tmp_path / "interrupted"
+    calls = []
+
+    def ctrl_c_once():
+        if not calls:
+            os.kill(os.getpid(), signal.SIGINT)
+        calls.append(1)
+
+    with pytest.raises(Preempted, match=r"t: stopped by SIGINT after step 3 of 9"):
+        small_fit(interrupted, ctrl_c_once)
+    assert signal.getsignal(signal.SIGINT) is before
+    assert final_state(interrupted)[0] == 3
+    resumed = small_fit(interrupted)
+    jax.tree.map(np.testing.assert_array_equal, reference.variables, resumed.variables)
+    assert resumed.history == reference.history
+    metrics = [(d / "metrics.jsonl").read_text() for d in (tmp_path / "reference", interrupted)]
+    assert metrics[0] == metrics[1]
+
+
+def start(workdir, env=ENV):
+    return subprocess.Popen(
+        main_command(workdir),
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def signal_when(procs, ready, sig=signal.SIGTERM, delay=0.0, timeout=300):
+    """Sends ``sig`` to the first of ``procs`` ``delay`` seconds after ``ready()``; returns
+    each one's output."""
+    deadline = time.time() + timeout
+    while not ready():
+        if time.time() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            pytest.fail("the run never got to the point to signal it:\n" + procs[0].stdout.read())
+        time.sleep(0.05)
+    time.sleep(delay)
+    procs[0].send_signal(sig)
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("a signalled run did not stop")
+    return outs
+
+
+def check_stopped(out, proc, workdir, run, why="by SIGTERM") -> int:
+    """The run stopped with code 75 and a checkpoint of the step it names; returns it."""
+    assert proc.returncode == EXIT_CODE, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    found = STOPPED.search(out)
+    assert found, out[-3000:]
+    step, total = int(found.group(3)), int(found.group(4))
+    assert found.group(2) == why and 0 < step < total, found.group(0)
+    assert final_state(workdir / run)[0] == step  # the checkpoint of the stop step
+    # The metrics of every step up to it are flushed.
+    lines = (workdir / run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines if "loss" in x] == list(range(1, step + 1))
+    return step
+
+
+def assert_same_metrics(reference, got, runs=RUNS):
+    for run in runs:
+        ref = (reference / run / "metrics.jsonl").read_text()
+        assert (got / run / "metrics.jsonl").read_text() == ref, run
+
+
+@pytest.mark.slow
+def test_sigterm_mid_teacher_and_mid_amalgamation_then_rerun_ends_bit_identical(
+    tiny_main_run, tmp_path
+):
+    """A real `python -m cka_jax.main`: SIGTERM once the first teacher trains, rerun, SIGTERM
+    once the student trains, rerun to the end: the same as the uninterrupted run."""
+    for run in ("teachers/task0.run", "runs/kd/seed_0"):
+        proc = start(tmp_path)
+        (out,) = signal_when([proc], lambda run=run: (tmp_path / run / "metrics.jsonl").exists())
+        check_stopped(out, proc, tmp_path, run)
+        assert "resuming from step" in out or run == "teachers/task0.run"
+    done = subprocess.run(main_command(tmp_path), cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "kd seed 0: resuming from step" in done.stderr
+    assert_same_run(tiny_main_run, tmp_path, RUNS)
+    assert_same_metrics(tiny_main_run, tmp_path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_stop_at_the_same_step_when_one_is_signalled(tiny_main_run, tmp_path):
+    """Two processes joined over localhost; SIGTERM reaches process 1 only, mid-amalgamation.
+    Both stop after the same step with code 75; rerun, they end as one uninterrupted
+    process with two devices."""
+    env = {
+        **ENV,
+        "XLA_FLAGS": xla_flags(1),
+        "JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}",
+        "JAX_NUM_PROCESSES": "2",
+    }
+
+    def joined():
+        return [start(tmp_path, {**env, "JAX_PROCESS_ID": str(i)}) for i in (1, 0)]
+
+    run = "runs/kd/seed_0"
+    procs = joined()  # process 1 first: it gets the signal
+    # Process 0 opens metrics.jsonl once in the fit; process 1 is there too a moment later,
+    # well before the first step has compiled.
+    outs = signal_when(procs, lambda: (tmp_path / run / "metrics.jsonl").exists(), delay=2)
+    stopped_at = [
+        check_stopped(outs[0], procs[0], tmp_path, run, why="by SIGTERM"),
+        check_stopped(outs[1], procs[1], tmp_path, run, why="with the other processes"),
+    ]
+    assert stopped_at[0] == stopped_at[1]
+    procs = joined()
+    for p in procs:
+        out = p.communicate(timeout=400)[0]
+        assert p.returncode == 0, out[-3000:]
+    assert_same_run(tiny_main_run, tmp_path, RUNS)
+    assert_same_metrics(tiny_main_run, tmp_path)
