@@ -6,8 +6,14 @@
   task's classes. A merged error is either a wrong task (routing) or a wrong class within
   the right task; routing tells "knows which task" apart from "knows its task's classes".
 
-Every test image is scored (the last batch is padded and masked), with integer labels wide
-enough for any union (the CFL authors' code cast labels to uint8 and dropped the last batch).
+Every test image is scored (the last batch is padded and the padding dropped), with integer
+labels wide enough for any union (the CFL authors' code cast labels to uint8 and dropped the
+last batch).
+
+Scoring is sharded over the devices of every process, like the train step's 'mesh' form:
+each batch is split over the devices, each process reads and scores only its devices' rows,
+and the logits are gathered so that every process holds all of them (and computes the same
+accuracies from them). Evaluation time falls with the number of devices.
 """
 
 from __future__ import annotations
@@ -18,45 +24,89 @@ from collections.abc import Callable
 import jax
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cka_jax.data import eval_batches, eval_kwargs, eval_preprocess
+from cka_jax.distributed import local_rows, put_rows
+from cka_jax.xla_options import compiler_options, cpu_convolutions
+
+AXIS = "data"
 
 
 class Scorer:
     """Jitted eval-mode forward passes of one model over a test split (compiled once per
-    model and test transform). ``eval_logits`` puts a student kind's logits batch first
-    (`cka_jax.train.students`)."""
+    model, test transform and devices), sharded over ``devices`` (default: every device of
+    every process; every process must call `logits` together). ``eval_logits`` puts a
+    student kind's logits batch first (`cka_jax.train.students`). ``batch_size`` is rounded
+    up to a multiple of the device count."""
 
-    def __init__(self, model, aug_cfg, batch_size: int, eval_logits: Callable | None = None):
+    def __init__(
+        self, model, aug_cfg, batch_size: int, eval_logits: Callable | None = None, devices=None
+    ):
         frozen = ml_collections.FrozenConfigDict(aug_cfg)
-        self.forward = _eval_forward(model, frozen, eval_logits or _identity)
-        self.batch_size = batch_size
+        self.devices = tuple(jax.devices() if devices is None else devices)
+        self.forward = _eval_forward(
+            model, frozen, eval_logits or _identity, self.devices, cpu_convolutions()
+        )
+        n = len(self.devices)
+        self.batch_size = -(-batch_size // n) * n
 
     def logits(self, variables, split) -> np.ndarray:
-        return predict(self.forward, variables, split, self.batch_size)
+        return predict(self.forward, variables, split, self.batch_size, self.devices)
 
 
 def _identity(x):
     return x
 
 
+def _shardings(devices: tuple) -> tuple[NamedSharding, NamedSharding]:
+    """(replicated, batch-sharded) over the 1-D mesh of ``devices``."""
+    mesh = Mesh(np.array(devices), (AXIS,))
+    return NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
+
+
 @functools.cache
-def _eval_forward(model, aug_cfg, eval_logits):
+def _eval_forward(model, aug_cfg, eval_logits, devices: tuple, conv_kernels: str):
     kwargs = eval_kwargs(aug_cfg)
 
     def forward(variables, images):
         return eval_logits(model.apply(variables, eval_preprocess(images, **kwargs))[0])
 
-    return jax.jit(forward)
+    # The outputs are gathered whole on every device, so every process can read them.
+    return jax.jit(
+        forward,
+        out_shardings=_shardings(devices)[0],
+        compiler_options=compiler_options(devices, aug_cfg.out_size),
+    )
 
 
-def predict(forward: Callable, variables, split, batch_size: int) -> np.ndarray:
-    """Returns the (N, K) outputs of a jitted ``forward(variables, uint8 images)`` on a split."""
-    outputs = []
-    for batch in eval_batches(split, batch_size):
-        out = np.asarray(forward(variables, batch["image"]))
-        outputs.append(out[np.asarray(batch["mask"]).astype(bool)])
-    return np.concatenate(outputs)
+def predict(
+    forward: Callable, variables, split, batch_size: int, devices: tuple | None = None
+) -> np.ndarray:
+    """Returns the (N, K) outputs of a jitted ``forward(variables, uint8 images)`` on a split,
+    each batch sharded over ``devices`` (``batch_size`` a multiple of their count; default
+    every device). Every process gets every output."""
+    replicated, sharded = _shardings(tuple(jax.devices() if devices is None else devices))
+    if batch_size % sharded.num_devices:
+        raise ValueError(
+            f"batch_size {batch_size} is not divisible by the {sharded.num_devices} devices"
+        )
+    if len(split) == 0:
+        raise ValueError("cannot score an empty split")
+    variables = jax.device_put(variables, replicated)
+    rows = local_rows(sharded, batch_size)
+    outputs, pending = [], None
+    for batch in eval_batches(split, batch_size, rows):
+        images = put_rows(sharded, {"image": batch["image"]}, batch_size)["image"]
+        # One batch in flight while the host reads the next.
+        out = forward(variables, images)
+        if pending is not None:
+            outputs.append(np.asarray(pending))
+        pending = out
+    outputs.append(np.asarray(pending))
+    # Only the last batch is padded, at its end: the first N rows are the split's images.
+    return np.concatenate(outputs)[: len(split)]
 
 
 def accuracies(scores: np.ndarray, labels: np.ndarray, taskset) -> dict:

@@ -17,7 +17,7 @@ TINY = [
 
 
 def test_benchmark_reports_flops_memory_and_an_interleaved_ratio(tmp_path, capsys):
-    one_view = benchmark.main([*TINY, "--method=kd"])
+    one_view = benchmark.main([*TINY, "--method=kd", "--peak_tflops=2"])
     both = benchmark.main([*TINY, "--method=kd", "--two_views", "--against=kd"])
     for result in (one_view, both):
         assert result["step_s_median"] > 0 and result["images_per_s"] > 0
@@ -26,3 +26,7 @@ def test_benchmark_reports_flops_memory_and_an_interleaved_ratio(tmp_path, capsy
     assert both["step_gflops"] > 1.3 * one_view["step_gflops"]
     assert both["against"]["method"] == "kd" and both["against"]["step_s_median"] > 0
     assert both["over_against_time"] == both["step_s_median"] / both["against"]["step_s_median"]
+    # The fraction of peak against a given peak (a GPU's, say); the CPU kernels chosen.
+    assert one_view["peak_source"] == "--peak_tflops"
+    assert one_view["fraction_of_peak"] == one_view["achieved_tflops"] / 2
+    assert one_view["cpu_convolutions"] == "ynnpack"  # 'auto' at 16 px

@@ -45,3 +45,34 @@ def test_conv_picks_im2col_only_for_tiny_outputs_with_flax_conv_parameters():
             == im2col
             == (size**2 <= IM2COL_MAX_OUTPUT_POSITIONS)
         )
+
+
+@pytest.mark.parametrize(
+    "size, kernel, stride, padding",
+    [(32, 7, 2, 3), (33, 7, 2, 3), (9, 3, 2, 1), (10, 5, 3, 2), (7, 1, 2, 0)],
+)
+def test_space_to_depth_matches_xla_convolution_and_its_gradient(size, kernel, stride, padding):
+    """The measured alternative stem (`cka_jax.bench.formulations`): same values and
+    gradients as the plain strided convolution, with the plain kernel's parameters."""
+    from cka_jax.bench.formulations import space_to_depth_conv
+
+    kx, kw = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, (2, size, size, 3))
+    w = jax.random.normal(kw, (kernel, kernel, 3, 8))
+
+    def reference(x, w):
+        pads = ((padding, padding),) * 2
+        dims = ("NHWC", "HWIO", "NHWC")
+        return jax.lax.conv_general_dilated(
+            x, w, (stride, stride), pads, dimension_numbers=dims, precision="highest"
+        )
+
+    def s2d(x, w):
+        return space_to_depth_conv(x, w, stride, padding)
+
+    np.testing.assert_allclose(s2d(x, w), reference(x, w), rtol=1e-4, atol=1e-4)
+    grads = [
+        jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) ** 2), (0, 1))(x, w) for f in (s2d, reference)
+    ]
+    for got, want in zip(*grads, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)

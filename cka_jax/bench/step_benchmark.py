@@ -67,6 +67,13 @@ def parse_args(argv=None):
         help="directory: trace a few more steps with jax.profiler and print the ops that "
         "take the most time",
     )
+    p.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=0.0,
+        help="the device's peak TFLOP/s for the fraction of peak (default: a table of known "
+        "GPUs' fp32 peaks, or the CPU's cores x clock x FMA width)",
+    )
     p.add_argument("--compare_torch", "--compare-torch", action="store_true")
     p.add_argument("--out", default="", help="JSON output file")
     return p.parse_args(argv)
@@ -217,6 +224,8 @@ def main(argv=None):
     import jax
     import numpy as np
 
+    from cka_jax import xla_options
+
     devices = jax.devices()[: args.devices]
     if len(devices) < args.devices:
         sys.exit(f"asked for {args.devices} devices, {len(jax.devices())} available")
@@ -238,6 +247,8 @@ def main(argv=None):
             other_times.append(other.time_one())
     step_s = float(np.median(times))
     peak, peak_source = peak_flops_per_s(devices[0])
+    if args.peak_tflops:
+        peak, peak_source = args.peak_tflops * 1e12, "--peak_tflops"
     device_stats = devices[0].memory_stats() or {}  # None on CPU
     if args.parallelism == "pmap":
         flops *= len(devices)  # cost analysis of a pmapped step is per device
@@ -245,6 +256,7 @@ def main(argv=None):
         "config": vars(args),
         "device": f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})",
         "jax": jax.__version__,
+        "cpu_convolutions": xla_options.resolved(args.image_size),
         "compile_s": round(timer.compile_s, 2),
         "step_s_median": step_s,
         "step_s_min": float(np.min(times)),

@@ -66,24 +66,34 @@ def train_batch(
     }
 
 
-def eval_batches(split: Split, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+    split: Split, batch_size: int, rows: slice = slice(None)
+) -> Iterator[dict[str, np.ndarray]]:
     """Every image of ``split`` exactly once, in order, in batches of exactly
     ``batch_size``: the last batch is padded (zero images, label 0, index -1) and carries
-    ``mask`` 0 there, so shapes stay static and every real image is scored."""
+    ``mask`` 0 there, so shapes stay static and every real image is scored.
+
+    ``rows`` (a contiguous block of a batch) selects part of every batch: a process of a
+    multi-process run reads only the images its devices score. Its padded rows, if any,
+    are masked like the rest of the padding."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    n = len(split)
+    first, last, step = rows.indices(batch_size)
+    if step != 1:
+        raise ValueError(f"rows must be a contiguous block of the batch, got {rows}")
+    n, width = len(split), max(last - first, 0)
     for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        real = stop - start
-        pad = batch_size - real
-        image = np.asarray(split.images[start:stop])
-        label = np.asarray(split.labels[start:stop])
-        index = np.arange(start, stop)
+        lo = start + first
+        hi = max(min(start + last, n), lo)
+        real = hi - lo
+        pad = width - real
+        image = np.asarray(split.images[lo:hi])
+        label = np.asarray(split.labels[lo:hi])
+        index = np.arange(lo, hi)
         if pad:
-            image = np.concatenate([image, np.zeros((pad, *image.shape[1:]), image.dtype)])
+            image = np.concatenate([image, np.zeros((pad, *split.image_shape), image.dtype)])
             label = np.concatenate([label, np.zeros(pad, label.dtype)])
             index = np.concatenate([index, np.full(pad, -1, index.dtype)])
-        mask = np.zeros(batch_size, np.float32)
+        mask = np.zeros(width, np.float32)
         mask[:real] = 1.0
         yield {"image": image, "label": label, "mask": mask, "index": index}

@@ -17,7 +17,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cka_jax.choices import PARALLELISM
+from cka_jax.distributed import local_rows
 from cka_jax.train.step import StepSpec, TrainState, diagnose, train_step
+from cka_jax.xla_options import compiler_options, cpu_convolutions
 
 PMAP_AXIS = "batch"
 MESH_AXIS = "data"
@@ -43,18 +45,23 @@ def _parallel(fn, spec: StepSpec, parallelism: str, devices: tuple, donate: tupl
             devices=devices,
         )
     plain = lambda s, t, b: fn(s, t, b, spec=spec)
+    # pmap takes no compiler options: it keeps XLA's defaults.
+    options = compiler_options(devices, spec.view_shape[0])
     if parallelism == "mesh":
         # The outputs stay whole on every device, so that every process of a multi-process
         # run can read them.
         replicated = NamedSharding(_mesh(devices, MESH_AXIS), P())
-        return jax.jit(plain, donate_argnums=donate, out_shardings=replicated)
-    return jax.jit(plain, donate_argnums=donate)
+        return jax.jit(
+            plain, donate_argnums=donate, out_shardings=replicated, compiler_options=options
+        )
+    return jax.jit(plain, donate_argnums=donate, compiler_options=options)
 
 
 @functools.cache
-def _step_function(spec: StepSpec, parallelism: str, devices: tuple):
-    """The jitted (or pmapped) step for ``spec``: one per distinct spec, so runs with equal
-    specs in one process (seeds, tests) share XLA's compiled programs."""
+def _step_function(spec: StepSpec, parallelism: str, devices: tuple, conv_kernels: str):
+    """The jitted (or pmapped) step for ``spec``: one per distinct spec (and choice of CPU
+    convolution kernels, `cka_jax.xla_options`), so runs with equal specs in one process
+    (seeds, tests) share XLA's compiled programs."""
     return _parallel(train_step, spec, parallelism, devices, donate=(0,))
 
 
@@ -65,7 +72,7 @@ def clear_compiled_steps() -> None:
 
 
 @functools.cache
-def _diagnose_function(spec: StepSpec, parallelism: str, devices: tuple):
+def _diagnose_function(spec: StepSpec, parallelism: str, devices: tuple, conv_kernels: str):
     return _parallel(diagnose, spec, parallelism, devices, donate=())
 
 
@@ -89,7 +96,7 @@ class Runner:
         self.mesh = _mesh(self.devices, axis)
         self.replicated = NamedSharding(self.mesh, P())
         self.sharded = NamedSharding(self.mesh, P(axis))
-        self._step = _step_function(spec, parallelism, tuple(self.devices))
+        self._step = _step_function(spec, parallelism, tuple(self.devices), cpu_convolutions())
         self.num_devices = len(self.devices)
         # Devices of this process: a process feeds num_local_devices / num_devices of a batch.
         me = jax.process_index()
@@ -128,14 +135,7 @@ class Runner:
     def local_rows(self, batch_size: int) -> slice:
         """The rows of a global batch that this process feeds: all of them for one process,
         else the contiguous block its devices hold in the 'data' mesh axis."""
-        if jax.process_count() == 1:
-            return slice(0, batch_size)
-        index_map = self.sharded.addressable_devices_indices_map((batch_size,))
-        starts = sorted(idx[0].start or 0 for idx in index_map.values())
-        stops = sorted(idx[0].stop or batch_size for idx in index_map.values())
-        if any(b != a for a, b in zip(stops[:-1], starts[1:], strict=True)):
-            raise ValueError("this process's devices do not hold a contiguous block of the batch")
-        return slice(starts[0], stops[-1])
+        return local_rows(self.sharded, batch_size)
 
     def put_batch(self, batch: dict):
         """Places a batch on the devices. ``batch`` holds this process's rows (`local_rows`)
@@ -161,7 +161,8 @@ class Runner:
     def diagnose(self, state, teacher_variables, batch) -> dict:
         """The per-term diagnostics of the step at ``state`` (`step.diagnose`), on the device;
         compiled on first use, so runs that never ask pay nothing."""
-        fn = _diagnose_function(self.spec, self.parallelism, tuple(self.devices))
+        devices = tuple(self.devices)
+        fn = _diagnose_function(self.spec, self.parallelism, devices, cpu_convolutions())
         return self._first_device(fn(state, teacher_variables, batch))
 
     def _first_device(self, tree):
