@@ -81,6 +81,11 @@ def _disk_full_as_error(what: str, path: Path, needed: int, kept: str, cleanup=N
     """Turns a write that finds no space into `DiskFullError` (after ``cleanup()``, which
     removes the partial write so the space it took is free again)."""
     _drop_closed_loop_reports()
+    # The failed writes' futures are collected later, and asyncio reports each then ("Future
+    # exception was never retrieved"): dropped for good, not only inside this block.
+    asyncio_logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropDiskFullRecords) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_DropDiskFullRecords())
     absl_logger = logging.getLogger("absl")
     drop = _DropDiskFullRecords()
     absl_logger.addFilter(drop)
