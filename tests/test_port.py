@@ -665,9 +665,11 @@ def test_ported_teachers_are_amalgamated_end_to_end(tmp_path):
     assert 0 <= rows[-1]["merged_acc"] <= 100
     assert rows[0]["params"] == sum(p.numel() for p in teachers_t[0].parameters())
 
-    # The teacher rows score what the torchvision models score on the same test images.
+    # The teacher rows score what the torchvision models score on the same test images,
+    # normalised as the ported teachers record (ImageNet's mean/std), not as the run's views.
     taskset, dataset = experiment.prepare_data(cfg)
-    x = np.asarray(eval_preprocess(dataset.test.images, **eval_kwargs(cfg.augment)))
+    own = {**eval_kwargs(cfg.augment), "mean": port.IMAGENET_MEAN, "std": port.IMAGENET_STD}
+    x = np.asarray(eval_preprocess(dataset.test.images, **own))
     labels = np.asarray(dataset.test.labels)
     for t, model_t in enumerate(teachers_t):
         with torch.no_grad():
