@@ -19,8 +19,6 @@ coordinates) before resizing.
 
 from __future__ import annotations
 
-import concurrent.futures
-import logging
 import os
 
 import ml_collections
@@ -226,36 +224,20 @@ def decode_boxes(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Like ``decode_labelled`` but each image cropped to its box first: unreadable images
     are skipped and counted in a warning, or raise naming the file when ``strict``."""
-    channels = kwargs.get("channels", 3)
-    out = np.zeros((len(files), image_size, image_size, channels), np.uint8)
-    ok = np.ones(len(files), bool)
+    return decode_labelled(
+        list(zip(files, boxes, strict=True)),
+        labels,
+        image_size,
+        strict=strict,
+        what=what,
+        decode=_decode_pair,
+        **kwargs,
+    )
 
-    def work(i: int) -> None:
-        try:
-            out[i] = decode_cropped(files[i], boxes[i], image_size, **kwargs)
-        except Exception as e:  # PIL raises many types for corrupt files
-            if strict:
-                raise ValueError(f"cannot decode image {files[i]}: {e}") from e
-            ok[i] = False
 
-    workers = min(8, os.cpu_count() or 1)
-    if len(files) < 64 or workers == 1:
-        for i in range(len(files)):
-            work(i)
-    else:
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            list(pool.map(work, range(len(files))))
-    failed = np.flatnonzero(~ok).tolist()
-    if failed:
-        logging.warning(
-            "%s: skipped %d unreadable image(s) of %d, e.g. %s (set strict=True to stop instead)",
-            what,
-            len(failed),
-            len(files),
-            ", ".join(files[i] for i in failed[:3]),
-        )
-        return out[ok], np.delete(labels, failed)
-    return out, labels
+def _decode_pair(source: tuple, image_size: int, **kwargs) -> np.ndarray:
+    path, box = source
+    return decode_cropped(path, box, image_size, **kwargs)
 
 
 def _fingerprint(path: str) -> tuple:

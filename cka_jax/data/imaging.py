@@ -91,25 +91,28 @@ def decode_many(
     *,
     skip_errors: bool = False,
     workers: int | None = None,
+    decode: Callable[..., np.ndarray] | None = None,
     **kwargs,
 ) -> tuple[np.ndarray, list[int]]:
-    """Decodes many images in a thread pool (PIL releases the GIL while decoding).
+    """Decodes many images in a thread pool (PIL releases the GIL while decoding), each with
+    ``decode(source, image_size, **kwargs)`` (`decode_image` by default; a source may be a
+    ``(path, extra)`` tuple for a custom ``decode``, named by its path in errors).
 
     Returns ``(images, failed)``: the stacked images of every source that decoded, and the
     indices of those that did not (only when ``skip_errors``; otherwise the first failure
     raises, naming the file).
     """
+    decode = decode or decode_image
     channels = kwargs.get("channels", 3)
     out = np.zeros((len(sources), image_size, image_size, channels), np.uint8)
     ok = np.ones(len(sources), bool)
 
     def work(i: int) -> None:
         try:
-            out[i] = decode_image(sources[i], image_size, **kwargs)
+            out[i] = decode(sources[i], image_size, **kwargs)
         except Exception as e:  # PIL raises many types for corrupt files
             if not skip_errors:
-                name = sources[i] if isinstance(sources[i], str | os.PathLike) else f"#{i}"
-                raise ValueError(f"cannot decode image {name}: {e}") from e
+                raise ValueError(f"cannot decode image {source_name(sources, i)}: {e}") from e
             ok[i] = False
 
     workers = workers or min(8, os.cpu_count() or 1)
@@ -123,8 +126,14 @@ def decode_many(
     return (out[ok] if failed else out), failed
 
 
+def source_name(sources: Sequence[Any], i: int) -> str:
+    """How errors name source ``i``: its path (a tuple's first item), else its index."""
+    source = sources[i][0] if isinstance(sources[i], tuple) else sources[i]
+    return str(source) if isinstance(source, str | os.PathLike) else f"#{i}"
+
+
 def decode_labelled(
-    files: Sequence[str], labels: np.ndarray, image_size: int, *, strict: bool, what: str, **kwargs
+    files: Sequence[Any], labels: np.ndarray, image_size: int, *, strict: bool, what: str, **kwargs
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decodes labelled image files. A corrupt or zero-byte file is skipped, and the count
     logged as a warning naming a few, or raises naming it when ``strict``."""
@@ -135,7 +144,7 @@ def decode_labelled(
             what,
             len(failed),
             len(files),
-            ", ".join(str(files[i]) for i in failed[:3]),
+            ", ".join(source_name(files, i) for i in failed[:3]),
         )
         labels = np.delete(labels, failed)
     return images, labels
