@@ -4,7 +4,6 @@ all of one device's share) is dropped, and every process gets every logit."""
 
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -13,9 +12,7 @@ import pytest
 
 from cka_jax.data import eval_batches
 from tests.eval_process import NUM_IMAGES, fixture, score
-from tests.main_process import REPO
-from tests.test_multiprocess import free_port
-from tests.xla_env import xla_flags
+from tests.processes import collect, joined_env, start_joined
 
 
 @pytest.fixture(scope="module")
@@ -57,36 +54,12 @@ def test_rows_of_eval_batches_partition_every_batch():
 def test_two_processes_score_like_one_device(one_device, tmp_path):
     """Two processes with one CPU device each, joined over localhost: each reads and scores
     its half of every batch; process 0 ends with every logit."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "XLA_FLAGS": xla_flags(1),
-        "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-        "JAX_NUM_PROCESSES": "2",
-    }
     out = tmp_path / "scores.npz"
     command = [sys.executable, "-m", "tests.eval_process", str(out), "10"]
-    procs = [
-        subprocess.Popen(
-            command,
-            cwd=REPO,
-            env={**env, "JAX_PROCESS_ID": str(i)},
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for i in range(2)
-    ]
-    logs = []
-    for proc in procs:
-        try:
-            log, _ = proc.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail(f"timed out:\n{proc.communicate()[0][-3000:]}")
+    procs = start_joined(command, joined_env(os.environ))
+    logs = collect(procs, timeout=300)
+    for proc, log in zip(procs, logs, strict=True):
         assert proc.returncode == 0, log[-3000:]
-        logs.append(log)
     saved = np.load(out)
     assert_same_scores((saved["logits"], json.loads(str(saved["acc"]))), one_device)
     # Process 1 computed the same accuracies from the gathered logits.

@@ -3,22 +3,14 @@ feeding its own half of every batch, compute the same run as one process with tw
 and how the join is configured."""
 
 import os
-import socket
-import subprocess
 
 import jax
 import pytest
 
 from cka_jax import distributed
 from cka_jax.config import distributed_config
-from tests.main_process import REPO, assert_same_run, main_command
-from tests.xla_env import xla_flags
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
+from tests.main_process import assert_same_run, main_command
+from tests.processes import collect, joined_env, start_joined
 
 
 @pytest.mark.slow
@@ -27,35 +19,10 @@ def test_two_processes_compute_the_same_run_as_one_process_with_two_devices(
 ):
     """`tiny_main_run` is one process with two CPU devices; here two processes with one
     device each join over localhost and run the same command."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "XLA_FLAGS": xla_flags(1),
-        "PYTHONUNBUFFERED": "1",
-        "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-        "JAX_NUM_PROCESSES": "2",
-    }
-    joined = [
-        subprocess.Popen(
-            main_command(tmp_path),
-            cwd=REPO,
-            env={**env, "JAX_PROCESS_ID": str(i)},
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for i in range(2)
-    ]
-    logs = []
-    for proc in joined:
-        try:
-            out, _ = proc.communicate(timeout=400)
-        except subprocess.TimeoutExpired:
-            for p in joined:
-                p.kill()
-            pytest.fail(f"timed out:\n{proc.communicate()[0][-3000:]}")
-        assert proc.returncode == 0, out[-3000:]
-        logs.append(out)
+    procs = start_joined(main_command(tmp_path), joined_env(os.environ))
+    logs = collect(procs, timeout=400)
+    for proc, log in zip(procs, logs, strict=True):
+        assert proc.returncode == 0, log[-3000:]
 
     for i, log in enumerate(logs):
         assert f"process {i} of 2; 1 local / 2 global devices" in log

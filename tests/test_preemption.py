@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 
@@ -18,9 +17,9 @@ import pytest
 from cka_jax.train.loop import FitOptions, fit
 from cka_jax.train.preemption import EXIT_CODE, Preempted, StopRequests
 from tests.main_process import REPO, assert_same_run, final_state, main_command
+from tests.processes import joined_env
 from tests.test_selection import tiny_split
 from tests.test_step_parallel import BATCH, build
-from tests.xla_env import xla_flags
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 TEACHER_RUNS = ("teachers/task0.run", "teachers/task1.run")
@@ -173,23 +172,12 @@ def test_sigterm_mid_teacher_and_mid_amalgamation_then_rerun_ends_bit_identical(
     assert_same_metrics(tiny_main_run, tmp_path)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_stop_at_the_same_step_when_one_is_signalled(tiny_main_run, tmp_path):
     """Two processes joined over localhost; SIGTERM reaches process 1 only, mid-amalgamation.
     Both stop after the same step with code 75; rerun, they end as one uninterrupted
     process with two devices."""
-    env = {
-        **ENV,
-        "XLA_FLAGS": xla_flags(1),
-        "JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}",
-        "JAX_NUM_PROCESSES": "2",
-    }
+    env = joined_env(ENV)
 
     def joined():
         return [start(tmp_path, {**env, "JAX_PROCESS_ID": str(i)}) for i in (1, 0)]

@@ -291,31 +291,14 @@ except WorkdirError as err:
 @pytest.mark.parametrize("held", [False, True])
 def test_a_job_of_two_processes_takes_one_lock_and_fails_together(tmp_path, held):
     """Process 0 takes the lock for the job; when it cannot, process 1 learns so too."""
-    from tests.test_multiprocess import free_port
-    from tests.xla_env import xla_flags
+    from tests.processes import collect, joined_env, start_joined
 
     if held:  # a live holder: this test's own process
         (tmp_path / LOCK_FILE).write_text(
             json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now"})
         )
-    env = {
-        **ENV,
-        "XLA_FLAGS": xla_flags(1),
-        "JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}",
-        "JAX_NUM_PROCESSES": "2",
-    }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", JOINED, str(tmp_path)],
-            cwd=REPO,
-            env={**env, "JAX_PROCESS_ID": str(i)},
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+    procs = start_joined([sys.executable, "-c", JOINED, str(tmp_path)], joined_env(ENV))
+    outs = collect(procs, timeout=300)
     if held:
         assert "refused 0 workdir" in outs[0] and "is in use by another run" in outs[0]
         assert f"refused 1 process 0 could not lock workdir {tmp_path}" in outs[1], outs
