@@ -5,7 +5,7 @@ stopped."""
 import json
 
 from cka_jax.config import base_config
-from cka_jax.train.loop import FitOptions, fit
+from cka_jax.train.loop import FitOptions, MetricsLog, fit
 from tests.test_selection import tiny_split
 from tests.test_step_parallel import BATCH, build
 
@@ -57,3 +57,16 @@ def test_cadence_of_evaluation_checkpoints_and_logs_and_resume(tmp_path):
     assert [h["epoch"] for h in longer.history] == [2, 3, 4, 5] and len(more) == 2
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged if "loss" in m] == list(range(1, 16))
+
+
+def test_resumed_metrics_keep_the_steps_up_to_the_checkpoint_and_drop_a_torn_line(tmp_path):
+    """A process killed mid-write leaves a torn last line; the resumed log starts after the
+    checkpoint's step as if the later steps had never been written."""
+    rows = [{"step": s, "loss": 1.0 / s} for s in range(1, 6)]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "metrics.jsonl").write_text(text + '{"step": 6, "lo')
+    log = MetricsLog(tmp_path, resume_step=3)
+    log.write(4, {"loss": 0.5})
+    log.close()
+    got = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert got == [*rows[:3], {"step": 4, "loss": 0.5}]

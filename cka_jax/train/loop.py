@@ -97,10 +97,14 @@ class MetricsLog:
         self.path = run_dir / "metrics.jsonl"
         kept = []
         if self.path.exists():
-            # A resumed run rewrites what came after its checkpoint.
+            # A resumed run rewrites what came after its checkpoint (and a last line torn by
+            # a killed process).
             for line in self.path.read_text().splitlines():
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step:
-                    kept.append(line)
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue
         with self._disk_full_as_error():
             self.path.write_text("".join(line + "\n" for line in kept))
         self.file = self.path.open("a")
@@ -120,6 +124,12 @@ class MetricsLog:
             for key, value in values.items():
                 if isinstance(value, int | float):
                     self.tb.add_scalar(key, value, step)
+
+    def flush(self) -> None:
+        """Hands the written lines to the OS, so that a killed process keeps them."""
+        if self.enabled:
+            with self._disk_full_as_error():
+                self.file.flush()
 
     def close(self) -> None:
         if not self.enabled:
@@ -275,6 +285,9 @@ class _Fit:
         )
 
     def _save(self, done: int) -> None:
+        # The metrics of every step up to a checkpoint are on disk before it is: a run killed
+        # after it resumes there with the whole metrics history.
+        self.metrics_log.flush()
         self.checkpoints.save(done, self.runner.get_state(self.state), self.meta)
         self.saved_step = done
 
