@@ -161,6 +161,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Every log_every steps, each loss term's gradient share on the student and the inter
     # term's transport-map peakedness (cka_jax.diagnostics), by a separate jitted function.
     c.diagnostics = True
+    # Draw the figures (figures/*.png) at the end. False skips them (a headless job, a quick
+    # test); `python -m cka_jax.report --workdir=DIR` draws them later from the workdir.
+    c.figures = True
     c.checkpoint_every = 0  # steps; 0 = at each epoch end
     c.keep_checkpoints = 3
     return c

@@ -77,8 +77,10 @@ def run_stages(cfg, workdir) -> str:
     # report
     progress.stage("report: exporting the student to %s", workdir / "student")
     chosen = report.export_student(workdir, label_free)
-    progress.stage("report: drawing figures into %s", workdir / "figures")
-    paths = report.draw_figures(cfg, workdir, label_free, chosen, frozen, taskset, dataset)
+    paths = []
+    if cfg.figures:
+        progress.stage("report: drawing figures into %s", workdir / "figures")
+        paths = report.draw_figures(cfg, workdir, label_free, chosen, frozen, taskset, dataset)
     return report.write_report(workdir, rows, taskset.names, title=cfg.name, figure_paths=paths)
 
 

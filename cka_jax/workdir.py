@@ -75,6 +75,7 @@ IGNORABLE = (
     "checkpoint_every",  # a resumed run ends bit-identical to an uninterrupted one
     "keep_checkpoints",
     "diagnostics",  # a separate jitted function; the train step is unchanged
+    "figures",  # drawn from the finished runs
     "distributed",  # how the processes find each other
 )
 # Fields of a data source (`data`, each of `union`) that only say how its files are read.

@@ -13,7 +13,7 @@ from cka_jax.checkpoint import RunCheckpoints
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "tests" / "tiny_config.py"
-# 2 teachers trained for 1 epoch, then kd for 2 epochs of 10 steps.
+# 2 teachers trained for 1 epoch, then kd for 2 epochs of 10 steps (no figures: tiny_config).
 TINY_ARGS = (f"--config={CONFIG}", "--config.teacher_epochs=1")
 
 
@@ -21,10 +21,15 @@ def main_command(workdir, *extra) -> list[str]:
     return [sys.executable, "-m", "cka_jax.main", *TINY_ARGS, f"--workdir={workdir}", *extra]
 
 
-def run_main(workdir, env=None) -> str:
+def run_main(workdir, *extra, env=None) -> str:
     """Runs the tiny main job to the end; returns what it printed (stdout + stderr)."""
     done = subprocess.run(
-        main_command(workdir), cwd=REPO, env=env, check=True, capture_output=True, text=True
+        main_command(workdir, *extra),
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return done.stdout + done.stderr
 

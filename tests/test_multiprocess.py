@@ -1,36 +1,12 @@
-"""Two processes joined by `jax.distributed` on localhost (CPU collectives over gloo), each
-feeding its own half of every batch, compute the same run as one process with two devices;
-and how the join is configured."""
-
-import os
+"""How the join of several processes (`jax.distributed`) is configured. Two real joined
+processes computing the same run as one process with two devices, through a preemption, are
+tested in test_preemption.py; their sharded evaluation in test_evaluate_sharded.py."""
 
 import jax
 import pytest
 
 from cka_jax import distributed
 from cka_jax.config import distributed_config
-from tests.main_process import assert_same_run, main_command
-from tests.processes import collect, joined_env, start_joined
-
-
-@pytest.mark.slow
-def test_two_processes_compute_the_same_run_as_one_process_with_two_devices(
-    tiny_main_run, tmp_path
-):
-    """`tiny_main_run` is one process with two CPU devices; here two processes with one
-    device each join over localhost and run the same command."""
-    procs = start_joined(main_command(tmp_path), joined_env(os.environ))
-    logs = collect(procs, timeout=400)
-    for proc, log in zip(procs, logs, strict=True):
-        assert proc.returncode == 0, log[-3000:]
-
-    for i, log in enumerate(logs):
-        assert f"process {i} of 2; 1 local / 2 global devices" in log
-    assert "| kd |" in logs[0] and "| kd |" not in logs[1]  # process 0 reports
-    # Every parameter, BatchNorm statistic and Adam moment after the last step, of the
-    # student and of both teachers (trained by the two processes together), and results.json.
-    runs = ("runs/kd/seed_0", "teachers/task0.run", "teachers/task1.run")
-    assert_same_run(tiny_main_run, tmp_path, runs)
 
 
 @pytest.mark.parametrize(

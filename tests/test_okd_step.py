@@ -3,19 +3,12 @@ peers' embeddings of the batch, the step's loss is Eq. 12, and a run resumes fro
 checkpoint with its memory bank (bit-identical to an uninterrupted run)."""
 
 import functools
-import json
-import shutil
 
 import jax
 import numpy as np
-import pytest
 
-from cka_jax import checkpoint, evaluate, experiment, okd
-from cka_jax.models import ResNet
 from cka_jax.train import step as train_step
 from cka_jax.train.runtime import Runner
-from cka_jax.train.students import PLAIN
-from tests.main_process import final_state
 from tests.test_okd import mcl_okd_loss
 from tests.test_step_parallel import BATCH, NUM_DATA, build
 
@@ -55,53 +48,3 @@ def test_step_updates_the_bank_rows_of_its_batch_and_its_loss_is_eq_12():
     # The next step draws other negatives.
     later = train_step.negatives(new_state, BATCH, spec)
     assert not np.array_equal(np.asarray(later), np.asarray(negatives))
-
-
-@pytest.mark.slow
-def test_mcl_okd_run_resumes_from_its_checkpoint_with_the_memory_bank(all_methods_run, tmp_path):
-    cfg, reference, _ = all_methods_run  # 2 branch-based peers, 20 steps, checkpoints every 2
-    run = "runs/mcl_okd/seed_0"
-    step, ref_state = final_state(reference / run)
-    assert step == 20
-    ref_rows = json.loads((reference / "results.json").read_text())["rows"]
-    # What is kept is the leader alone, as a plain ResNet scoring the reported accuracy.
-    model, leader, _ = checkpoint.load_model(reference / run / "selected")
-    taskset, dataset = experiment.prepare_data(cfg)
-    scorer = evaluate.Scorer(model, cfg.augment, 64, PLAIN.eval_logits)
-    scores = scorer.logits(leader, dataset.test)
-    row = next(r for r in ref_rows if r["method"] == "mcl_okd")
-    kept = evaluate.accuracies(scores, dataset.test.labels, taskset)["merged_acc"]
-    assert isinstance(model, ResNet) and kept == row["merged_acc"]  # the final leader
-    assert row["selection"] == {
-        "criterion": "final",
-        "epoch": cfg.epochs,
-        "score": None,
-        "merged_acc": row["merged_acc"],
-    }
-    evals = [json.loads(line) for line in (reference / run / "metrics.jsonl").open()]
-    last = [m for m in evals if "eval/merged_acc" in m][-1]
-    ensemble_acc = next(r for r in ref_rows if r["method"] == "mcl_okd:ensemble")["merged_acc"]
-    assert last["eval/ensemble/merged_acc"] == ensemble_acc  # logged beside the leader's
-    student_params = sum(np.size(x) for x in jax.tree.leaves(leader["params"]))
-    ensemble = next(r for r in ref_rows if r["method"] == "mcl_okd:ensemble")
-    assert row["params"] == student_params < ensemble["params"] < 2 * student_params  # 1 trunk
-
-    # The same run stopped after its checkpoint at step 16: later ones and the result gone.
-    resumed = tmp_path / "resumed"
-    shutil.copytree(reference, resumed)
-    for later in ("18", "20"):
-        shutil.rmtree(resumed / run / "checkpoints" / later)
-    (resumed / run / "result.json").unlink()
-    step, at_16 = final_state(resumed / run)
-    assert step == 16 and at_16["memory"].shape == (2, 200, 128)
-    fresh = okd.init_memory_bank(jax.random.fold_in(jax.random.key(0), 3), 2, 200, 128)
-    assert not np.allclose(at_16["memory"], fresh), "the checkpoint holds the trained bank"
-
-    experiment.run(cfg, resumed)  # every other run is done: only mcl_okd resumes
-    step, got_state = final_state(resumed / run)
-    assert step == 20
-    jax.tree.map(np.testing.assert_array_equal, ref_state, got_state)
-    got_rows = json.loads((resumed / "results.json").read_text())["rows"]
-    for ref, got in zip(ref_rows, got_rows, strict=True):
-        ref.pop("wall_s", None), got.pop("wall_s", None)
-        assert ref == got

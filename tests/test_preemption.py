@@ -1,7 +1,9 @@
-"""Preemption: SIGTERM or SIGINT during training finishes the step, writes its checkpoint,
-flushes the metrics and exits with code 75; the rerun ends bit-identical to a run never
-interrupted (states, results.json, metrics.jsonl). Under two processes, a signal to one of
-them stops both at the same step. The handlers live only as long as a fit."""
+"""Preemption and crashes: SIGTERM or SIGINT during training finishes the step, writes its
+checkpoint, flushes the metrics and exits with code 75; a SIGKILL loses what came after the
+last checkpoint; either way the rerun ends bit-identical to a run never interrupted (states,
+results.json, metrics.jsonl). Two joined processes compute what one process with two devices
+does, and a signal to one of them stops both at the same step. The handlers live only as
+long as a fit."""
 
 import json
 import os
@@ -154,29 +156,48 @@ def assert_same_metrics(reference, got, runs=RUNS):
         assert (got / run / "metrics.jsonl").read_text() == ref, run
 
 
+def checkpoint_steps(run_dir) -> list[int]:
+    d = run_dir / "checkpoints"
+    return [int(p.name) for p in d.iterdir() if p.name.isdigit()] if d.exists() else []
+
+
 @pytest.mark.slow
-def test_sigterm_mid_teacher_and_mid_amalgamation_then_rerun_ends_bit_identical(
+def test_sigterm_mid_teacher_then_kill_mid_amalgamation_then_rerun_ends_bit_identical(
     tiny_main_run, tmp_path
 ):
-    """A real `python -m cka_jax.main`: SIGTERM once the first teacher trains, rerun, SIGTERM
-    once the student trains, rerun to the end: the same as the uninterrupted run."""
-    for run in ("teachers/task0.run", "runs/kd/seed_0"):
-        proc = start(tmp_path)
-        (out,) = signal_when([proc], lambda run=run: (tmp_path / run / "metrics.jsonl").exists())
-        check_stopped(out, proc, tmp_path, run)
-        assert "resuming from step" in out or run == "teachers/task0.run"
+    """A real `python -m cka_jax.main`: SIGTERM once the first teacher trains (a clean stop
+    with its checkpoint); rerun and SIGKILL it mid-amalgamation once the student has a
+    checkpoint past step 4 (a crash: whatever came after that checkpoint is lost); rerun to
+    the end: the same states, results.json and metrics.jsonl as the uninterrupted run, so a
+    repeated run with the same config and seed gives the same results too."""
+    teacher = "teachers/task0.run"
+    proc = start(tmp_path)
+    (out,) = signal_when([proc], lambda: (tmp_path / teacher / "metrics.jsonl").exists())
+    check_stopped(out, proc, tmp_path, teacher)
+
+    student = tmp_path / "runs/kd/seed_0"
+    proc = start(tmp_path)
+    signal_when([proc], lambda: any(s >= 4 for s in checkpoint_steps(student)), signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    assert 4 <= max(checkpoint_steps(student)) < 20, "killed after the run had finished"
+
     done = subprocess.run(main_command(tmp_path), cwd=REPO, env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "kd seed 0: resuming from step" in done.stderr
     assert_same_run(tiny_main_run, tmp_path, RUNS)
     assert_same_metrics(tiny_main_run, tmp_path)
+    assert not (tmp_path / "figures").exists()  # --config.figures=False
+    assert "drawing figures" not in done.stderr
 
 
 @pytest.mark.slow
-def test_two_processes_stop_at_the_same_step_when_one_is_signalled(tiny_main_run, tmp_path):
-    """Two processes joined over localhost; SIGTERM reaches process 1 only, mid-amalgamation.
-    Both stop after the same step with code 75; rerun, they end as one uninterrupted
-    process with two devices."""
+def test_two_processes_stop_at_the_same_step_and_rerun_to_the_one_process_result(
+    tiny_main_run, tmp_path
+):
+    """Two processes joined over localhost (one CPU device each, CPU collectives over gloo,
+    each feeding its half of every batch); SIGTERM reaches process 1 only, mid-amalgamation.
+    Both stop after the same step with code 75; rerun, they end as `tiny_main_run`, one
+    uninterrupted process with two devices."""
     env = joined_env(ENV)
 
     def joined():
@@ -192,9 +213,15 @@ def test_two_processes_stop_at_the_same_step_when_one_is_signalled(tiny_main_run
         check_stopped(outs[1], procs[1], tmp_path, run, why="with the other processes"),
     ]
     assert stopped_at[0] == stopped_at[1]
-    procs = joined()
-    for p in procs:
-        out = p.communicate(timeout=400)[0]
-        assert p.returncode == 0, out[-3000:]
+    procs = joined()  # processes 1 and 0
+    logs = [p.communicate(timeout=400)[0] for p in procs]
+    for proc, log in zip(procs, logs, strict=True):
+        assert proc.returncode == 0, log[-3000:]
+    for i, log in zip((1, 0), logs, strict=True):
+        assert f"process {i} of 2; 1 local / 2 global devices" in log
+    assert "| kd |" in logs[1] and "| kd |" not in logs[0]  # process 0 reports
+    # Every parameter, BatchNorm statistic and Adam moment after the last step, of the
+    # student and of both teachers (trained by the two processes together), results.json
+    # and the metrics: the two processes compute what one process with two devices does.
     assert_same_run(tiny_main_run, tmp_path, RUNS)
     assert_same_metrics(tiny_main_run, tmp_path)

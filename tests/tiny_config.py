@@ -23,4 +23,6 @@ def get_config():
     c.methods = ("kd",)
     c.log_every = 5
     c.checkpoint_every = 2
+    # Figures cost about a quarter of a tiny run; the runs that test them turn them on.
+    c.figures = False
     return c
