@@ -31,7 +31,18 @@ STOPPED = re.compile(
 )
 
 
-def test_handlers_are_installed_for_the_block_only_and_a_second_signal_stops_at_once():
+@pytest.fixture
+def python_sigint_handler():
+    """SIGINT as a fresh Python process has it (KeyboardInterrupt): a test worker may run
+    with another handler (or SIGINT ignored) left by what ran before in it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_handlers_are_installed_for_the_block_only_and_a_second_signal_stops_at_once(
+    python_sigint_handler,
+):
     # signal.raise_signal, not os.kill(os.getpid()): a signal sent to the process may land
     # on another of its threads and be handled a little later, and two pending ones are
     # handled once; raised in this thread, each is handled before the next line.
@@ -76,7 +87,9 @@ def small_fit(run_dir, on_evaluate=lambda: None):
     )
 
 
-def test_sigint_in_a_fit_stops_after_the_step_and_the_rerun_ends_identical(tmp_path):
+def test_sigint_in_a_fit_stops_after_the_step_and_the_rerun_ends_identical(
+    tmp_path, python_sigint_handler
+):
     """In this process: Ctrl-C while epoch 1 is evaluated stops after step 3 with its
     checkpoint; the rerun continues from there to the uninterrupted run's end, bit for bit."""
     before = signal.getsignal(signal.SIGINT)
