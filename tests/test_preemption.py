@@ -19,7 +19,7 @@ import pytest
 from cka_jax.train.loop import FitOptions, fit
 from cka_jax.train.preemption import EXIT_CODE, Preempted, StopRequests
 from tests.main_process import REPO, assert_same_run, final_state, main_command
-from tests.processes import joined_env
+from tests.processes import collect, joined_env
 from tests.test_selection import tiny_split
 from tests.test_step_parallel import BATCH, build
 
@@ -136,15 +136,7 @@ def signal_when(procs, ready, sig=signal.SIGTERM, delay=0.0, timeout=300):
         time.sleep(0.05)
     time.sleep(delay)
     procs[0].send_signal(sig)
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=timeout)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("a signalled run did not stop")
-    return outs
+    return collect(procs, timeout)
 
 
 def check_stopped(out, proc, workdir, run, why="by SIGTERM") -> int:
@@ -226,7 +218,7 @@ def test_two_processes_stop_at_the_same_step_and_rerun_to_the_one_process_result
     ]
     assert stopped_at[0] == stopped_at[1]
     procs = joined()  # processes 1 and 0
-    logs = [p.communicate(timeout=400)[0] for p in procs]
+    logs = collect(procs, timeout=400)
     for proc, log in zip(procs, logs, strict=True):
         assert proc.returncode == 0, log[-3000:]
     for i, log in zip((1, 0), logs, strict=True):
