@@ -4,18 +4,21 @@ changes.
 
 On CPU, XLA 0.10 hands convolutions and dots to YNNPACK "fusions" by default. Its kernels
 for stand-alone convolutions, which is what the weight gradients are, are 2-7x slower than
-PyTorch's oneDNN and than XLA's own Eigen convolution at ResNet shapes, while its fused
-forward convolutions and dots are as fast or faster (docs/performance.md, "224 px"). The
-choice (``xla_cpu_experimental_ynn_fusion_type``):
+PyTorch's oneDNN and than XLA's own Eigen convolution at ResNet shapes (docs/performance.md,
+"224 px"). The choice (``xla_cpu_experimental_ynn_fusion_type``):
 
-- ``'mixed'``: YNNPACK for dots and the fusions around them (element-wise, reductions;
-  forward convolutions fused with them), Eigen for stand-alone convolutions.
+- ``'mixed'``: YNNPACK for dots and reductions (BatchNorm's statistics and gradient sums),
+  Eigen for every convolution, XLA's own loops for the element-wise work. Handing the
+  element-wise work to YNNPACK too (with the forward convolutions fused into it) was
+  measured slower: 1.06x at 224 px, and 2.5x on the stem max-pool's gradient, whose
+  interior-padded sums YNNPACK takes apart.
 - ``'ynnpack'``: XLA's default.
-- ``'eigen'``: YNNPACK off; Eigen computes every convolution and dot.
+- ``'eigen'``: YNNPACK off; Eigen computes every convolution, dot and reduction.
 - ``'auto'`` (default): 'mixed' for images of at least `AUTO_MIXED_MIN_SIZE` px, else
-  'ynnpack'. Measured in one process, steps interleaved: 'mixed' takes 0.78-0.95x
-  'ynnpack''s time at 224 px, but 1.05-1.13x at 28 and 64 px (more of the step is small
-  convolutions and dots there), so each shape gets its winner.
+  'ynnpack'. Measured in one process, steps interleaved, idle machine: 'mixed' takes
+  0.6-0.7x 'ynnpack''s time at 224 and 64 px, and the same time at the default's 28 px, where
+  'ynnpack' is kept so that small-image runs (the default, 28-32 px studies) compute
+  exactly what they did before.
 
 Other platforms (GPU, TPU) get no options. Set the choice with `set_cpu_convolutions` (or
 the environment variable ``CKA_JAX_CPU_CONVOLUTIONS``) before the functions are first
@@ -27,16 +30,14 @@ from __future__ import annotations
 import os
 
 CPU_CONVOLUTIONS = ("auto", "mixed", "ynnpack", "eigen")
-AUTO_MIXED_MIN_SIZE = 128  # px; measured: 224 gains, 64 and 28 lose
+AUTO_MIXED_MIN_SIZE = 64  # px; measured: 224 and 64 gain, 28 is even
 ENV = "CKA_JAX_CPU_CONVOLUTIONS"
 _YNN = "xla_cpu_experimental_ynn_fusion_type"
 _OPTIONS = {
     "eigen": {_YNN: ""},
     "ynnpack": {},
-    # YNNPACK for dots and the fusions around them, not for stand-alone convolutions.
-    "mixed": {
-        _YNN: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE"
-    },
+    # YNNPACK for dots and reductions only: convolutions to Eigen, element-wise to XLA.
+    "mixed": {_YNN: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"},
 }
 
 _choice = os.environ.get(ENV, "auto")

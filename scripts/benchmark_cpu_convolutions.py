@@ -14,41 +14,12 @@ script, not a test: numbers depend on the machine.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cka_jax.bench import step_benchmark as benchmark  # noqa: E402
-
-
-def torch_timer(args):
-    """``time_one()`` of the PyTorch reference step on one random batch (after warm-up)."""
-    import torch
-
-    from cka_jax.bench import torch_reference
-
-    step = torch_reference.TorchAmalgamationStep(
-        args.method,
-        [args.teacher] * args.teachers,
-        args.student,
-        args.classes_per_teacher,
-        stem=args.stem,
-    )
-    generator = torch.Generator().manual_seed(0)
-    size = args.image_size
-    images = torch.randn(args.batch_size, 3, size, size, generator=generator)
-    images = images.contiguous(memory_format=step.memory_format)
-    for _ in range(2):
-        step.step(images)
-
-    def time_one():
-        start = time.perf_counter()
-        step.step(images)
-        return time.perf_counter() - start
-
-    return time_one
 
 
 def main(argv=None):
@@ -70,7 +41,7 @@ def main(argv=None):
         timers[choice] = benchmark.StepTimer(args, devices).time_one
     xla_options.set_cpu_convolutions("auto")
     if with_torch:
-        timers["pytorch"] = torch_timer(args)
+        timers["pytorch"] = benchmark.torch_step_timer(args).time_one
     times = {name: [] for name in timers}
     for _ in range(args.steps):
         for name, time_one in timers.items():

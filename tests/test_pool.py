@@ -36,3 +36,18 @@ def test_max_pool_matches_reduce_window_and_routes_gradients_to_the_first_maximu
     np.testing.assert_array_equal(got, want)
     g = rng.normal(size=got.shape).astype(np.float32)
     np.testing.assert_allclose(vjp(jnp.asarray(g))[0], reference_grad(x, g), rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_propagates_nan_and_infinities_like_maximum():
+    """The compare-and-select maximum keeps ``jnp.maximum``'s semantics: a NaN anywhere in a
+    window makes its output NaN (whatever its position), infinities are ordinary values."""
+    x = np.zeros((1, 6, 6, 4), np.float32)
+    x[0, 0, 0, 0] = np.nan  # first element of its windows
+    x[0, 3, 3, 1] = np.nan  # last element of a window, after larger values
+    x[0, 2, 2, 1] = 5.0
+    x[0, 1, 1, 2], x[0, 4, 4, 3] = np.inf, -np.inf
+    want = nn.max_pool(jnp.asarray(x), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    got = max_pool_3x3_s2(jnp.asarray(x))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.isnan(got).sum() == 1 + 4  # NaN at (0, 0) in 1 window, at (3, 3) in 4
+    np.testing.assert_array_equal(got, want)  # NaNs compare equal here

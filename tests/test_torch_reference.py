@@ -284,3 +284,30 @@ def test_main_prints_a_benchmark_json(capsys):
     assert result["num_threads"] == torch.get_num_threads()
     assert result["torch_version"] == torch.__version__
     assert np.isfinite(result["final_loss"])
+
+
+def test_step_benchmark_interleaves_the_torch_step(monkeypatch):
+    """`scripts/benchmark.py --compare_torch` times PyTorch's steps between JAX's, one each
+    per round, and reports the ratio of the two medians."""
+    from cka_jax.bench import step_benchmark
+
+    order = []
+    jax_time_one, torch_time_one = step_benchmark.StepTimer.time_one, ref.StepTimer.time_one
+    monkeypatch.setattr(
+        step_benchmark.StepTimer, "time_one", lambda s: order.append("jax") or jax_time_one(s)
+    )
+    monkeypatch.setattr(
+        ref.StepTimer, "time_one", lambda s: order.append("torch") or torch_time_one(s)
+    )
+    tiny = (
+        "--teacher=resnet10 --student=resnet10 --teachers=1 --image_size=16 --classes_per_teacher=2"
+    )
+    result = step_benchmark.main(
+        [*tiny.split(), "--method=kd", "--batch_size=2", "--steps=3", "--compare_torch"]
+    )
+    # StepTimer's two warm-up steps, then the three timed rounds alternate.
+    assert order == ["jax", "jax"] + ["jax", "torch"] * 3
+    assert result["torch"]["repeats"] == 3 and result["torch"]["step_seconds_median"] > 0
+    assert result["jax_over_torch_time"] == pytest.approx(
+        result["step_s_median"] / result["torch"]["step_seconds_median"]
+    )

@@ -38,10 +38,11 @@ def test_options_only_on_cpu_and_checked(choice):
         choice("onednn")
     # 'auto': the measured winner by image size.
     choice("auto")
-    assert xla_options.resolved(224) == "mixed" and xla_options.resolved(64) == "ynnpack"
+    assert xla_options.resolved(224) == "mixed" == xla_options.resolved(64)
+    assert xla_options.resolved(32) == "ynnpack"
     assert xla_options.compiler_options(cpu, 28) is None
     mixed = xla_options.compiler_options(cpu, 224)["xla_cpu_experimental_ynn_fusion_type"]
-    assert "CONVOLUTION" not in mixed
+    assert "CONVOLUTION" not in mixed and "ELTWISE" not in mixed
 
 
 def test_every_choice_compiles_and_computes_the_same_gradients(choice):

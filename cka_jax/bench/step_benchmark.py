@@ -7,7 +7,9 @@ Reports, after compilation: the compile time, the median step time over ``--step
 steps, images per second, the FLOPs of one step from XLA's cost analysis and the achieved
 fraction of the device's peak, XLA's memory analysis of the step and the process's peak
 memory. With ``--compare_torch`` (kd and cfl) it also times the PyTorch reference step
-(`cka_jax.bench.torch_reference`) on the same shapes and prints the JAX/PyTorch ratio. Writes
+(`cka_jax.bench.torch_reference`) on the same shapes, its steps interleaved with JAX's in this
+process (JAX, PyTorch, JAX, ...: both see the same machine state), and prints the JAX/PyTorch
+ratio of the medians. Writes
 everything to ``--out`` as JSON. This is a script, not a test: numbers depend on the machine.
 
 The step includes the on-device augmentation of the raw uint8 batch (as in training);
@@ -229,6 +231,8 @@ def main(argv=None):
     devices = jax.devices()[: args.devices]
     if len(devices) < args.devices:
         sys.exit(f"asked for {args.devices} devices, {len(jax.devices())} available")
+    # The PyTorch side first, so that a flag it cannot take fails before XLA compiles.
+    torch_timer = torch_step_timer(args) if args.compare_torch else None
     timer = StepTimer(args, devices, aot=True)
     cost = timer.compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
@@ -240,11 +244,13 @@ def main(argv=None):
         name, two_views = args.against.removesuffix("+2v"), args.against.endswith("+2v")
         other_args = argparse.Namespace(**{**vars(args), "method": name, "two_views": two_views})
         other = StepTimer(other_args, devices)
-    times, other_times = [], []
-    for _ in range(args.steps):
+    times, other_times, torch_times = [], [], []
+    for _ in range(args.steps):  # interleaved, so all see the same machine state
         times.append(timer.time_one())
-        if other is not None:  # interleaved, so both see the same machine state
+        if other is not None:
             other_times.append(other.time_one())
+        if torch_timer is not None:
+            torch_times.append(torch_timer.time_one())
     step_s = float(np.median(times))
     peak, peak_source = peak_flops_per_s(devices[0])
     if args.peak_tflops:
@@ -288,8 +294,8 @@ def main(argv=None):
         result["over_against_time"] = step_s / result["against"]["step_s_median"]
     if args.profile:
         result["profile"] = profile_steps(timer, args.profile)
-    if args.compare_torch:
-        result["torch"] = torch_side(args)
+    if torch_timer is not None:
+        result["torch"] = torch_result(torch_timer, torch_times, args)
         result["jax_over_torch_time"] = step_s / result["torch"]["step_seconds_median"]
     print(json.dumps(result, indent=1))
     if args.out:
@@ -339,7 +345,9 @@ def profile_steps(timer: StepTimer, log_dir, steps=5, top=25) -> dict:
     }
 
 
-def torch_side(args) -> dict:
+def torch_step_timer(args):
+    """The PyTorch reference step on the same shapes, warmed up, as a
+    `torch_reference.StepTimer` whose steps `main` interleaves with JAX's."""
     from cka_jax.bench import torch_reference
 
     if args.method not in torch_reference.METHODS or args.width != 64:
@@ -354,9 +362,18 @@ def torch_side(args) -> dict:
         args.classes_per_teacher,
         stem=args.stem,
     )
-    result = torch_reference.benchmark(step, args.batch_size, args.image_size, repeats=args.steps)
+    return torch_reference.StepTimer(step, args.batch_size, args.image_size)
+
+
+def torch_result(timer, times, args) -> dict:
+    from cka_jax.bench import torch_reference
+
+    timer.close()
+    result = torch_reference.summary(
+        timer.step_obj, times, args.batch_size, args.image_size, timer.loss
+    )
     if args.profile:
-        result["profile"] = torch_profile(step, args)
+        result["profile"] = torch_profile(timer.step_obj, args)
     return result
 
 

@@ -375,48 +375,51 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def benchmark(
+class StepTimer:
+    """Times single steps of ``step_obj`` on one fixed random batch, so that its steps can be
+    interleaved with another framework's in one process (both then see the same machine
+    state). On CUDA, cuDNN autotuning is on while the timer lives (fixed shapes; the warm-up
+    steps tune it); `close` restores it."""
+
+    def __init__(
+        self, step_obj: TorchAmalgamationStep, batch_size: int, image_size: int, warmup: int = 3
+    ):
+        self.step_obj, self.device = step_obj, step_obj.device
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
+        self.images = images.to(self.device).contiguous(memory_format=step_obj.memory_format)
+        self._cudnn_benchmark = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = self.device.type == "cuda"
+        for _ in range(warmup):
+            self.loss = step_obj.step(self.images)
+        _synchronize(self.device)
+
+    def time_one(self) -> float:
+        """Seconds of one step; the device is synchronised only at its edges."""
+        start = time.perf_counter()
+        self.loss = self.step_obj.step(self.images)
+        _synchronize(self.device)
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        torch.backends.cudnn.benchmark = self._cudnn_benchmark
+
+
+def summary(
     step_obj: TorchAmalgamationStep,
+    times: Sequence[float],
     batch_size: int,
     image_size: int,
-    warmup: int = 3,
-    repeats: int = 20,
+    loss: torch.Tensor,
 ) -> dict:
-    """Times ``step_obj.step`` on one random batch: the median of ``repeats`` steps after
-    ``warmup`` untimed ones. The device is synchronised only at the edges of each timed step.
-
-    On CUDA, cuDNN autotuning is on for the call (fixed shapes; the warm-up steps tune it),
-    then restored. Returns a dict with 'step_seconds_median', 'images_per_second',
-    'num_threads', 'torch_version' and the settings.
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    device = step_obj.device
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
-    images = images.to(device).contiguous(memory_format=step_obj.memory_format)
-    previous_cudnn_benchmark = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = device.type == "cuda"
-    try:
-        for _ in range(warmup):
-            loss = step_obj.step(images)
-        _synchronize(device)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            loss = step_obj.step(images)
-            _synchronize(device)
-            times.append(time.perf_counter() - start)
-    finally:
-        torch.backends.cudnn.benchmark = previous_cudnn_benchmark
+    """The result dict of timed steps: 'step_seconds_median', 'images_per_second', ..."""
     median = statistics.median(times)
     return {
         "method": step_obj.method,
-        "device": str(device),
+        "device": str(step_obj.device),
         "batch_size": batch_size,
         "image_size": image_size,
-        "warmup": warmup,
-        "repeats": repeats,
+        "repeats": len(times),
         "channels_last": step_obj.memory_format == torch.channels_last,
         "step_seconds_median": median,
         "step_seconds_min": min(times),
@@ -425,6 +428,25 @@ def benchmark(
         "torch_version": torch.__version__,
         "final_loss": float(loss),  # after the timing: the one host sync
     }
+
+
+def benchmark(
+    step_obj: TorchAmalgamationStep,
+    batch_size: int,
+    image_size: int,
+    warmup: int = 3,
+    repeats: int = 20,
+) -> dict:
+    """Times ``step_obj.step`` on one random batch: the median of ``repeats`` steps after
+    ``warmup`` untimed ones (see `StepTimer`). Returns `summary`'s dict and the warm-up."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    timer = StepTimer(step_obj, batch_size, image_size, warmup)
+    try:
+        times = [timer.time_one() for _ in range(repeats)]
+    finally:
+        timer.close()
+    return {**summary(step_obj, times, batch_size, image_size, timer.loss), "warmup": warmup}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -37,10 +37,16 @@ def _windows(x):
     return views
 
 
+def _maximum(a, b):
+    """``jnp.maximum`` (NaN wins) as a compare and select: XLA's CPU loop for this is 1.3-1.9x
+    faster than for ``maximum`` on the 224 px stem (docs/performance.md)."""
+    return jnp.where((a > b) | (a != a), a, b)
+
+
 @jax.custom_vjp
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     """``nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))`` for NHWC ``x``."""
-    return functools.reduce(jnp.maximum, (v for _, v in _windows(x)))
+    return functools.reduce(_maximum, (v for _, v in _windows(x)))
 
 
 def _fwd(x):
