@@ -16,7 +16,7 @@ PyTorch's oneDNN and than XLA's own Eigen convolution at ResNet shapes (docs/per
 - ``'eigen'``: YNNPACK off; Eigen computes every convolution, dot and reduction.
 - ``'auto'`` (default): 'mixed' for images of at least `AUTO_MIXED_MIN_SIZE` px, else
   'ynnpack'. Measured in one process, steps interleaved, idle machine: 'mixed' takes
-  0.6-0.7x 'ynnpack''s time at 224 and 64 px, and the same time at the default's 28 px, where
+  0.66-0.75x 'ynnpack''s time at 224 and 64 px, and the same time at the default's 28 px, where
   'ynnpack' is kept so that small-image runs (the default, 28-32 px studies) compute
   exactly what they did before.
 

@@ -9,8 +9,8 @@ fraction of the device's peak, XLA's memory analysis of the step and the process
 memory. With ``--compare_torch`` (kd and cfl) it also times the PyTorch reference step
 (`cka_jax.bench.torch_reference`) on the same shapes, its steps interleaved with JAX's in this
 process (JAX, PyTorch, JAX, ...: both see the same machine state), and prints the JAX/PyTorch
-ratio of the medians. Writes
-everything to ``--out`` as JSON. This is a script, not a test: numbers depend on the machine.
+ratio of the medians. Writes everything to ``--out`` as JSON. This is a script, not a test:
+numbers depend on the machine.
 
 The step includes the on-device augmentation of the raw uint8 batch (as in training);
 ``--no_augment`` replaces it with the eval-time resize/normalise, which is what the PyTorch
