@@ -126,6 +126,10 @@ def base_config() -> ml_collections.ConfigDict:
     # class, seeded). Below 1 the student, which sees every training image unlabelled, has
     # more data than its teachers, as when specialists were trained on small labelled sets.
     c.teacher_data_fraction = 1.0
+    # Fraction of each class of a teacher's labelled images held out of its training (per
+    # class, seeded): the teacher's accuracy on them is logged every epoch as `val_acc`, a
+    # learning curve that chooses `teacher_epochs` without the test set. 0 trains on all.
+    c.teacher_validation_fraction = 0.0
     c.teacher_optimizer = ml_collections.ConfigDict(dict(learning_rate=5e-4, weight_decay=5e-4))
 
     c.student = model_config("resnet18")
@@ -286,6 +290,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if not 0 < cfg.teacher_data_fraction <= 1:
         raise ValueError(
             f"config.teacher_data_fraction must lie in (0, 1], got {cfg.teacher_data_fraction}"
+        )
+    if not 0 <= cfg.teacher_validation_fraction < 1:
+        raise ValueError(
+            "config.teacher_validation_fraction must lie in [0, 1), got "
+            f"{cfg.teacher_validation_fraction}"
         )
     if cfg.selection.criterion not in SELECTION_CRITERIA:
         raise ValueError(

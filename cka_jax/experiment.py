@@ -144,5 +144,9 @@ def load_union(cfg) -> list:
 
 def uses_teachers(cfg) -> bool:
     """Whether any method of ``cfg.methods`` needs the teachers (the peer methods but
-    mcl_okd_kd, and the supervised reference, train on labels alone)."""
+    mcl_okd_kd, and the supervised reference, train on labels alone). An empty
+    ``config.methods`` is a teachers-only job: the teachers and their ensemble are scored,
+    no student is trained (e.g. teachers shared by several student jobs)."""
+    if not cfg.methods:
+        return True
     return any(build_method(*resolve_method(cfg, n)[:2]).uses_teachers for n in cfg.methods)

@@ -24,6 +24,7 @@ from cka_jax.train.spec import compute_dtype, step_spec, view_shape
 from cka_jax.workdir import record_fingerprint, teacher_fingerprint
 
 log = logging.getLogger(__name__)
+_VALIDATION_STREAM = 4099  # seeds the teachers' held-out images apart from other draws
 
 
 def teacher_model_configs(cfg, num_tasks: int) -> list[ml_collections.ConfigDict]:
@@ -159,6 +160,22 @@ def per_class_fraction(split, fraction: float, seed: int):
     return split.per_class(lambda n: int(np.ceil(fraction * n)), seed)
 
 
+def validation_split(split, fraction: float, seed: int):
+    """``(train, held-out or None)``: the last ``floor(fraction * n_c)`` images of each class
+    in a seeded order are held out (`teacher_validation_fraction`)."""
+    if fraction <= 0:
+        return split, None
+    # Another stream than the labelled subset's, so the two draws are independent.
+    order = np.random.default_rng(seed + _VALIDATION_STREAM).permutation(len(split))
+    held = []
+    for c in np.unique(split.labels):
+        members = order[split.labels[order] == c]
+        held.append(members[: int(np.floor(fraction * len(members)))])
+    held = np.sort(np.concatenate(held))
+    keep = np.setdiff1d(np.arange(len(split)), held)
+    return split.take(keep), split.take(held)
+
+
 def train_teacher(cfg, m, taskset, dataset, t, out_dir: Path):
     name = taskset.names[t]
     # What this teacher's numbers depend on, recorded before any work (cka_jax.workdir).
@@ -168,8 +185,10 @@ def train_teacher(cfg, m, taskset, dataset, t, out_dir: Path):
     model, variables = init_model(
         m, num_classes, seed, view_shape(cfg.augment), "teacher", compute_dtype(cfg)
     )
-    train_split = per_class_fraction(
-        task_subset(dataset.train, taskset, t), cfg.teacher_data_fraction, seed
+    train_split, val_split = validation_split(
+        per_class_fraction(task_subset(dataset.train, taskset, t), cfg.teacher_data_fraction, seed),
+        cfg.teacher_validation_fraction,
+        seed,
     )
     test_split = task_subset(dataset.test, taskset, t)
     total_steps = cfg.teacher_epochs * (len(train_split) // cfg.batch_size)
@@ -177,9 +196,14 @@ def train_teacher(cfg, m, taskset, dataset, t, out_dir: Path):
     spec = step_spec(cfg, method, cfg.loss, model, (), cfg.teacher_optimizer, total_steps)
     scorer = evaluate.Scorer(model, cfg.augment, cfg.eval_batch_size)
 
+    def accuracy(v, split):
+        return float(np.mean(np.argmax(scorer.logits(v, split), -1) == split.labels) * 100)
+
     def score(v):
-        logits = scorer.logits(v, test_split)
-        return {"acc": float(np.mean(np.argmax(logits, -1) == test_split.labels) * 100)}
+        scores = {"acc": accuracy(v, test_split)}
+        if val_split is not None:
+            scores["val_acc"] = accuracy(v, val_split)
+        return scores
 
     result = fit(
         name=f"teacher {name}",

@@ -104,6 +104,7 @@ TEACHER_ONLY = (
     "teacher_epochs",
     "teacher_optimizer",
     "teacher_data_fraction",
+    "teacher_validation_fraction",
 )
 
 

@@ -64,7 +64,10 @@ def student_sizes(width: int) -> dict:
 
 MNIST_EXPERIMENTS = ("base", "hard", "hetero", "teachers3", "teachers4", "okd")
 NATURAL_EXPERIMENTS = ("cifar10", "cifar10_t4", "fmnist")
-EXPERIMENTS = NATURAL_EXPERIMENTS + MNIST_EXPERIMENTS
+# The strong-teacher study (docs/results.md leads with it): teachers trained on every
+# labelled image of their task, students trained to convergence, three task layouts.
+STRONG_EXPERIMENTS = ("strong_mixed", "strong_domain", "strong_union")
+EXPERIMENTS = STRONG_EXPERIMENTS + NATURAL_EXPERIMENTS + MNIST_EXPERIMENTS
 # The readings of Eq. 5 that the diagnostics single out: the first version's (inert maps)
 # and the paper's literal one (raw features, T = 1), and Table 3's inter distances.
 NATURAL_ABLATIONS = {
@@ -153,12 +156,42 @@ def natural_experiment(experiment: str):
     return c
 
 
+CIFAR10_VEHICLES = (0, 1, 8, 9)  # airplane, automobile, ship, truck
+CIFAR10_ANIMALS = (2, 3, 4, 5, 6, 7)
+STRONG_SCALE = dict(teacher_width=16, student_width=16, teacher_epochs=30, epochs=10)
+
+
+def strong_experiment(experiment: str):
+    """Strong teachers (all labelled images of their task) and converged students, sizes
+    in `STRONG_SCALE`; the layouts: CIFAR-10's classes 0-4 | 5-9 (animals and vehicles
+    mixed), vehicles | animals (tasks from different domains), and CIFAR-10 + Fashion-MNIST
+    (one teacher per dataset, Fashion-MNIST at 32 px, tiled to RGB)."""
+    scale = STRONG_SCALE
+    c = natural_config(cifar10_source(), augment_config("cifar"), f"study: {experiment}")
+    c.data.train_per_class = None
+    c.teacher = model_config("resnet10", width=scale["teacher_width"], stem="small")
+    c.student = model_config("resnet10", width=scale["student_width"], stem="small")
+    c.teacher_data_fraction = 1.0
+    c.teacher_epochs = scale["teacher_epochs"]
+    c.epochs = scale["epochs"]
+    c.methods = TABLE2_METHODS
+    if experiment == "strong_domain":
+        c.tasks.class_lists = (CIFAR10_VEHICLES, CIFAR10_ANIMALS)
+    elif experiment == "strong_union":
+        fmnist = fashion_mnist_source()
+        fmnist.image_size = 32
+        c.union = (fmnist,)
+    return c
+
+
 def get_config(arg="base"):
     experiment, _, dataset = arg.partition(",")
     if experiment not in EXPERIMENTS:
         raise ValueError(f"unknown study experiment {experiment!r}; valid: {EXPERIMENTS}")
     if experiment in NATURAL_EXPERIMENTS:
         return natural_experiment(experiment)
+    if experiment in STRONG_EXPERIMENTS:
+        return strong_experiment(experiment)
     if dataset:
         c = importlib.import_module(f"configs.{dataset}").get_config()
     else:
