@@ -142,8 +142,27 @@ def single_teacher_scores(teacher_logits: np.ndarray, taskset, task: int) -> np.
     return scores
 
 
+def oracle_routing_scores(teacher_logits: list[np.ndarray], labels, taskset) -> np.ndarray:
+    """The ensemble with oracle routing: each image scored by its own task's teacher alone
+    (its logits on its slice, -inf elsewhere). It reads the labels to route, so it is the
+    bound a perfect label-free router reaches, never a method: its merged accuracy is the
+    teachers' within-task accuracy, weighted by the tasks' image counts."""
+    labels = np.asarray(labels, np.int64)
+    scores = np.full((len(labels), taskset.num_classes), -np.inf, np.float32)
+    owner = taskset.task_of(labels)
+    for t, sl in enumerate(taskset.slices):
+        mine = owner == t
+        scores[np.ix_(mine, np.arange(sl.start, sl.stop))] = teacher_logits[t][mine]
+    return scores
+
+
+ORACLE_ROUTING = "oracle_routing"  # the report's row name of `oracle_routing_scores`
+
+
 def teacher_rows(teacher_logits: list[np.ndarray], labels, taskset) -> list[dict]:
-    """Rows for each teacher alone and for the ensemble (argmax over concatenated logits)."""
+    """Rows for each teacher alone, for the ensemble (argmax over concatenated logits) and,
+    with two or more teachers, for the ensemble with oracle routing (a bound that reads the
+    labels)."""
     rows = []
     for t, name in enumerate(taskset.names):
         acc = accuracies(single_teacher_scores(teacher_logits[t], taskset, t), labels, taskset)
@@ -154,4 +173,7 @@ def teacher_rows(teacher_logits: list[np.ndarray], labels, taskset) -> list[dict
     rows.append(
         {"method": "ensemble", **accuracies(np.concatenate(teacher_logits, -1), labels, taskset)}
     )
+    if len(teacher_logits) > 1:
+        oracle = oracle_routing_scores(teacher_logits, labels, taskset)
+        rows.append({"method": ORACLE_ROUTING, **accuracies(oracle, labels, taskset)})
     return rows

@@ -28,7 +28,9 @@ def teacher_rows(cfg, teachers, taskset, dataset) -> list[dict]:
     ]
     rows = evaluate.teacher_rows(teacher_logits, dataset.test.labels, taskset)
     counts = [param_count(v) for _, v in teachers]
-    for row, n in zip(rows, [*counts, sum(counts)], strict=True):
+    # Each teacher, the ensemble, and the oracle-routed ensemble (with several teachers).
+    params = [*counts, sum(counts), sum(counts)][: len(rows)]
+    for row, n in zip(rows, params, strict=True):
         row.update(seed=None, params=n)
     return rows
 
@@ -148,7 +150,9 @@ def write_report(
         "argmax within the task's classes; routing: share of images whose merged argmax falls "
         "in their own task's classes). Mean ± sample std over seeds where several ran. "
         "Teacher rows score one teacher alone (its probabilities outside its classes are 0). "
-        "Students are the final ones (no test-set selection)."
+        f"{evaluate.ORACLE_ROUTING}: the ensemble with each image scored by its own task's "
+        "teacher, a bound that reads the labels (its merged accuracy is what a perfect router "
+        "would reach). Students are the final ones (no test-set selection)."
     )
     links = "".join(
         f"\n![{Path(p).stem}]({Path(p).relative_to(workdir).as_posix()})\n" for p in figure_paths

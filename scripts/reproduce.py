@@ -40,6 +40,7 @@ from configs import study  # noqa: E402
 SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 # Longest first, so the last runs of a parallel study overlap.
 ORDER = (
+    *study.STRONG_EXPERIMENTS,
     "cifar10",
     "fmnist",
     "cifar10_t4",
@@ -63,8 +64,22 @@ STUDIES = {
         out="docs/results/mnist",
         workdir="runs/study",
     ),
+    # One set of teachers per layout, shared by the student seeds (`teacher_job`).
+    "strong": dict(
+        experiments=study.STRONG_EXPERIMENTS,
+        seeds="0,1,2,3,4",
+        out="runs/study_strong/report",
+        workdir="runs/study_strong",
+    ),
 }
-DATA_FLAGS = {"cifar10": "cifar10", "cifar10_t4": "cifar10", "fmnist": "fashion_mnist"}
+DATA_FLAGS = {
+    "cifar10": ("cifar10",),
+    "cifar10_t4": ("cifar10",),
+    "fmnist": ("fashion_mnist",),
+    "strong_mixed": ("cifar10",),
+    "strong_domain": ("cifar10",),
+    "strong_union": ("cifar10", "fashion_mnist"),
+}
 
 
 def study_arg(experiment: str, dataset: str) -> str:
@@ -79,11 +94,19 @@ def is_done(workdir: Path, methods) -> bool:
     return set(methods) <= done
 
 
-def run_one(experiment, seed, args, repo: Path) -> dict:
-    workdir = Path(args.workdir).absolute() / experiment / f"seed_{seed}"
-    methods = study.get_config(study_arg(experiment, args.dataset)).methods
-    if is_done(workdir, methods):
-        return {"experiment": experiment, "seed": seed, "status": "done before", "wall_s": 0}
+def data_overrides(experiment: str, args) -> list[str]:
+    """``--config.data.root=...`` (and ``union[i].root``) from the study's data flags."""
+    roots = [getattr(args, flag) for flag in DATA_FLAGS.get(experiment, ())]
+    fields = ["data"] + [f"union[{i}]" for i in range(len(roots) - 1)]
+    return [
+        f"--config.{field}.root={Path(root).expanduser()}"
+        for field, root in zip(fields, roots, strict=True)
+        if root
+    ]
+
+
+def launch(experiment: str, label: str, workdir: Path, overrides, args, repo: Path) -> dict:
+    """One ``python -m cka_jax.main`` process into ``workdir`` (its output in log.txt)."""
     workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if args.jobs > 1:
@@ -93,21 +116,71 @@ def run_one(experiment, seed, args, repo: Path) -> dict:
         "-m",
         "cka_jax.main",
         f"--config=configs/study.py:{study_arg(experiment, args.dataset)}",
-        f"--config.seeds=({seed},)",
-        f"--config.tasks.seed={seed}",
         f"--workdir={workdir}",
+        *overrides,
+        *data_overrides(experiment, args),
         *[f"--config.{override}" for override in args.set],
     ]
-    data_flag = DATA_FLAGS.get(experiment)
-    if data_flag and getattr(args, data_flag):
-        command.append(f"--config.data.root={Path(getattr(args, data_flag)).expanduser()}")
     start = time.time()
     with open(workdir / "log.txt", "a") as log:
         code = subprocess.call(command, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
     wall = time.time() - start
     status = "ok" if code == 0 else f"failed (exit {code}); see {workdir / 'log.txt'}"
-    print(f"{experiment} seed {seed}: {status}, {wall:.0f} s", flush=True)
-    return {"experiment": experiment, "seed": seed, "status": status, "wall_s": round(wall, 1)}
+    print(f"{experiment} {label}: {status}, {wall:.0f} s", flush=True)
+    return {"experiment": experiment, "seed": label, "status": status, "wall_s": round(wall, 1)}
+
+
+def run_one(experiment, seed, args, repo: Path, shared_teachers=None) -> dict:
+    """One (experiment, seed): its own teachers (``tasks.seed`` = seed), or the
+    ``shared_teachers`` job's (a future of its record) with the tasks and held-out images
+    of seed 0, so that only the student's seed varies."""
+    workdir = Path(args.workdir).absolute() / experiment / f"seed_{seed}"
+    methods = study.get_config(study_arg(experiment, args.dataset)).methods
+    if is_done(workdir, methods):
+        return {"experiment": experiment, "seed": seed, "status": "done before", "wall_s": 0}
+    overrides = [f"--config.seeds=({seed},)"]
+    if shared_teachers is None:
+        overrides.append(f"--config.tasks.seed={seed}")
+    else:
+        teachers = shared_teachers.result()
+        if not teachers["status"].startswith(("ok", "done")):
+            return {**teachers, "seed": seed, "status": f"teachers {teachers['status']}"}
+        overrides += ["--config.tasks.seed=0", teacher_checkpoints(teacher_dir(args, experiment))]
+    return launch(experiment, f"seed {seed}", workdir, overrides, args, repo)
+
+
+def teacher_dir(args, experiment: str) -> Path:
+    return Path(args.workdir).absolute() / experiment / "teachers"
+
+
+def teacher_job(experiment, args, repo: Path) -> dict:
+    """The experiment's teachers, trained once (``config.methods=()``: a teachers-only job)
+    and shared by every student seed."""
+    workdir = teacher_dir(args, experiment)
+    if is_done(workdir, ()):
+        return {"experiment": experiment, "seed": "teachers", "status": "done before", "wall_s": 0}
+    return launch(experiment, "teachers", workdir, ["--config.methods=()"], args, repo)
+
+
+def teacher_checkpoints(workdir: Path) -> str:
+    """``--config.teachers=...`` naming each trained teacher of a teachers-only job."""
+    names = json.loads((workdir / "tasks.json").read_text())["names"]
+    entries = ", ".join(f"{{'checkpoint': '{workdir / 'teachers' / n}'}}" for n in names)
+    return f"--config.teachers=({entries},)"
+
+
+def run_all(experiments, seeds, args, repo: Path) -> list[dict]:
+    """Every (experiment, seed), ``args.jobs`` at a time; with shared teachers (the strong
+    study) each experiment's teacher job goes first and its student seeds wait for it."""
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        if args.study != "strong":
+            todo = [(e, s) for e in experiments for s in seeds]
+            return list(pool.map(lambda es: run_one(*es, args, repo), todo))
+        shared = {e: pool.submit(teacher_job, e, args, repo) for e in experiments}
+        students = [
+            pool.submit(run_one, e, s, args, repo, shared[e]) for e in experiments for s in seeds
+        ]
+        return [f.result() for f in (*shared.values(), *students)]
 
 
 def main():
@@ -115,7 +188,9 @@ def main():
     parser.add_argument("--study", default="natural", choices=sorted(STUDIES))
     parser.add_argument("--workdir", default=None, help="default: runs/study_<study>")
     parser.add_argument("--out", default=None, help="default: docs/results/<study>")
-    parser.add_argument("--seeds", default=None, help="default: 0-4 (natural), 0-2 (mnist)")
+    parser.add_argument(
+        "--seeds", default=None, help="default: 0-4 (natural, strong), 0-2 (mnist)"
+    )
     parser.add_argument("--only", default=None, help="comma-separated experiments of the study")
     parser.add_argument("--cifar10", default="", help="CIFAR-10 image folder (train/, test/)")
     parser.add_argument("--fashion_mnist", default="", help="folder of the 4 IDX files")
@@ -148,9 +223,7 @@ def main():
     start = time.time()
     runs = []
     if not args.report_only:
-        todo = [(e, s) for e in experiments for s in seeds]
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            runs = list(pool.map(lambda es: run_one(*es, args, repo), todo))
+        runs = run_all(experiments, seeds, args, repo)
     failed = [r for r in runs if not r["status"].startswith(("ok", "done"))]
     study_wall = time.time() - start
     study_report.write(

@@ -58,3 +58,25 @@ def test_teacher_agreement():
     teacher_b = np.array([[0, 0], [9, 1], [0.1, 0], [0, 0]], np.float32)
     # Union argmax: 0, 3, 3, 1 -> agrees on images 0, 2 and 3.
     assert evaluate.agreement(scores, [teacher_a, teacher_b]) == 75.0
+
+
+def test_oracle_routing_scores_each_image_by_its_own_teacher():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, size=200)
+    # Teacher b is far more confident, so the plain ensemble routes most images to b.
+    logits = [rng.normal(size=(200, 3)), 10 * rng.normal(size=(200, 2))]
+    rows = evaluate.teacher_rows(logits, labels, TASKS)
+    by_name = {r["method"]: r for r in rows}
+    oracle = by_name[evaluate.ORACLE_ROUTING]
+    # Independently: image i is right iff its own teacher's argmax is its local class.
+    own = np.where(labels < 3, 0, 1)
+    local = np.where(labels < 3, labels, labels - 3)
+    right = [np.argmax(logits[t][i]) == local[i] for i, t in enumerate(own)]
+    assert oracle["merged_acc"] == pytest.approx(100 * np.mean(right))
+    assert oracle["routing_acc"] == 100.0
+    assert oracle["task_acc"] == pytest.approx(by_name["ensemble"]["task_acc"])
+    assert by_name["ensemble"]["routing_acc"] < 100.0
+    # One teacher has nothing to route: no oracle row.
+    single = TaskSet(names=("a",), classes=((0, 1, 2),), class_names="vwx", num_classes=3)
+    rows = evaluate.teacher_rows([logits[0][labels < 3]], labels[labels < 3], single)
+    assert evaluate.ORACLE_ROUTING not in {r["method"] for r in rows}

@@ -204,7 +204,7 @@ def test_discard_stale_deletes_and_reruns_only_the_stale_stages(finished):
     assert fingerprint["fields"]["epochs"] == 1
     assert json.loads((finished / "config.json").read_text())["epochs"] == 1
     rows = json.loads((finished / "results.json").read_text())["rows"]
-    assert rows[:3] == old_rows[:3]  # teacher and ensemble rows
+    assert rows[:4] == old_rows[:4]  # teacher, ensemble and oracle-routing rows
     assert rows[3]["selection"]["epoch"] == 1 != old_rows[3]["selection"]["epoch"]
 
 
