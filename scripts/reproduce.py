@@ -188,9 +188,7 @@ def main():
     parser.add_argument("--study", default="natural", choices=sorted(STUDIES))
     parser.add_argument("--workdir", default=None, help="default: runs/study_<study>")
     parser.add_argument("--out", default=None, help="default: docs/results/<study>")
-    parser.add_argument(
-        "--seeds", default=None, help="default: 0-4 (natural, strong), 0-2 (mnist)"
-    )
+    parser.add_argument("--seeds", default=None, help="default: 0-4 (natural, strong), 0-2 (mnist)")
     parser.add_argument("--only", default=None, help="comma-separated experiments of the study")
     parser.add_argument("--cifar10", default="", help="CIFAR-10 image folder (train/, test/)")
     parser.add_argument("--fashion_mnist", default="", help="folder of the 4 IDX files")

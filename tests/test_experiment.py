@@ -81,7 +81,13 @@ def test_report_has_every_row_in_the_documented_schema(all_methods_run):
     methods = [r["method"] for r in results["rows"]]
     peers = {m for m in cfg.methods if build_method(m, cfg.loss).peers}
     trained = [[m, f"{m}:ensemble"] if m in peers else [m] for m in cfg.methods]
-    assert methods == ["teacher:task0", "teacher:task1", "ensemble", "oracle_routing", *sum(trained, [])]
+    assert methods == [
+        "teacher:task0",
+        "teacher:task1",
+        "ensemble",
+        "oracle_routing",
+        *sum(trained, []),
+    ]
     for row in results["rows"]:
         assert set(row) >= {"method", "seed", "merged_acc", "task_acc", "routing_acc", "params"}
         assert 0 <= row["merged_acc"] <= row["routing_acc"] <= 100

@@ -661,7 +661,13 @@ def test_ported_teachers_are_amalgamated_end_to_end(tmp_path):
     for meta_file in teachers_dir.glob("*/model.json"):
         assert json.loads(meta_file.read_text())["source"] == "torchvision"
     rows = json.loads((workdir / "results.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["teacher:task0", "teacher:task1", "ensemble", "oracle_routing", "kd"]
+    assert [r["method"] for r in rows] == [
+        "teacher:task0",
+        "teacher:task1",
+        "ensemble",
+        "oracle_routing",
+        "kd",
+    ]
     assert 0 <= rows[-1]["merged_acc"] <= 100
     assert rows[0]["params"] == sum(p.numel() for p in teachers_t[0].parameters())
 
