@@ -20,10 +20,13 @@ from cka_jax.workdir import record_fingerprint, run_fingerprint
 log = logging.getLogger(__name__)
 
 
-def train_student(cfg, name, seed, teachers, taskset, dataset, workdir: Path, train, selection):
+def train_student(
+    cfg, name, seed, teachers, taskset, dataset, workdir: Path, train, selection, calibrator=None
+):
     """Trains method (or variant) ``name`` with ``seed`` on the ``train`` images, resuming if
     interrupted; returns its result row (also ``result.json``; a finished run is read back).
-    ``teachers`` are ``[(model, variables)]``; ``selection`` chooses the kept model."""
+    ``teachers`` are ``[(model, variables)]``, their union scores calibrated by
+    ``calibrator`` (`cka_jax.calibrate`); ``selection`` chooses the kept model."""
     run_dir = workdir / "runs" / name / f"seed_{seed}"
     result_file = run_dir / "result.json"
     if result_file.exists():
@@ -33,7 +36,14 @@ def train_student(cfg, name, seed, teachers, taskset, dataset, workdir: Path, tr
     base, _, student_cfg = resolve_method(cfg, name)
     total_steps = cfg.epochs * (len(train) // cfg.batch_size)
     spec, student_vars = student_run(
-        cfg, name, taskset.num_classes, seed, [m for m, _ in teachers], total_steps, len(train)
+        cfg,
+        name,
+        taskset.num_classes,
+        seed,
+        [m for m, _ in teachers],
+        total_steps,
+        len(train),
+        calibrator,
     )
     method, kind, student = spec.method, spec.kind, spec.student
     used = teachers if method.uses_teachers else []

@@ -10,3 +10,14 @@ PARALLELISM = ("mesh", "pmap", "single")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SELECTION_CRITERIA = ("final", "teacher_agreement")
 STEMS = ("imagenet", "small")
+# `config.teacher_calibration` (cka_jax.calibration registers each under this name).
+CALIBRATION_KINDS = (
+    "none",
+    "softmax",
+    "mean_subtracted",
+    "standardize",
+    "prior_em",
+    "balanced_classes",
+    "energy_em",
+    "cluster_vote",
+)

@@ -14,6 +14,7 @@ from ml_collections.config_dict import placeholder
 
 from cka_jax import methods
 from cka_jax.choices import (
+    CALIBRATION_KINDS,
     COMPUTE_DTYPES,
     DISTANCE_KINDS,
     DISTANCE_SCALES,
@@ -132,7 +133,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher_validation_fraction = 0.0
     c.teacher_optimizer = ml_collections.ConfigDict(dict(learning_rate=5e-4, weight_decay=5e-4))
 
+    # How the frozen teachers' outputs become union scores (cka_jax.calibration), fitted
+    # once on the unlabelled training images: 'none' distils from the raw concatenation of
+    # their logits, as the papers do; the others put the teachers on one scale or route
+    # between them. Used by the ensemble row, every student's targets and selection.
+    c.teacher_calibration = "none"
+    c.calibration_clusters_per_class = 4  # cluster_vote: k-means clusters per union class
+
     c.student = model_config("resnet18")
+    # Fraction of the training images (after the selection hold-out) the students train on:
+    # a seeded uniform sample, drawn without labels. Below 1 the students see less than
+    # the teachers did, e.g. to size a study; 1 uses every image.
+    c.student_data_fraction = 1.0
     c.methods = ("kd", "cfl", "cka")
     # Named variants of a method, usable in `methods` like a method (ablations, student
     # sizes) and sharing this experiment's teachers, e.g.
@@ -284,6 +296,19 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError("config.seeds is empty: give at least one integer seed")
     if cfg.parallelism not in PARALLELISM:
         raise ValueError(f"config.parallelism={cfg.parallelism!r}; valid: {PARALLELISM}")
+    if not 0 < cfg.student_data_fraction <= 1:
+        raise ValueError(
+            f"config.student_data_fraction must lie in (0, 1], got {cfg.student_data_fraction}"
+        )
+    if cfg.teacher_calibration not in CALIBRATION_KINDS:
+        raise ValueError(
+            f"config.teacher_calibration={cfg.teacher_calibration!r}; valid: {CALIBRATION_KINDS}"
+        )
+    if int(cfg.calibration_clusters_per_class) < 1:
+        raise ValueError(
+            "config.calibration_clusters_per_class must be a positive integer, got "
+            f"{cfg.calibration_clusters_per_class}"
+        )
     if cfg.compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"config.compute_dtype={cfg.compute_dtype!r}; valid: {COMPUTE_DTYPES}")
     _check_loss_choices(cfg.loss, "config.loss")

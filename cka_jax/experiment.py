@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 
-from cka_jax import report, selection, teachers
+from cka_jax import calibrate, report, selection, teachers
 from cka_jax.amalgamate import train_student
 from cka_jax.config import resolve_method, validate
 from cka_jax.data import DataNotFoundError, load_source, split_classes, union_of_datasets
@@ -64,16 +64,23 @@ def run_stages(cfg, workdir) -> str:
         list(taskset.sizes),
     )
     # teachers (each alone, and their ensemble, are the report's first rows)
-    frozen, rows = [], []
+    frozen, rows, calibrator = [], [], calibrate.NONE
+    train, holdout = selection.split_holdout(cfg, dataset.train)
     if uses_teachers(cfg):
         progress.add("teacher", teachers.teacher_sources(cfg, taskset, workdir).count("train"))
         frozen = teachers.get_teachers(cfg, taskset, dataset, workdir, progress)
+        if cfg.teacher_calibration != "none":
+            progress.stage("teachers: fitting calibration %s", cfg.teacher_calibration)
+        calibrator = calibrate.get_calibrator(cfg, frozen, train, workdir)
         progress.stage("teachers: scoring each alone and their ensemble on the test set")
-        rows = report.teacher_rows(cfg, frozen, taskset, dataset)
+        rows = report.teacher_rows(cfg, frozen, taskset, dataset, calibrator)
     else:
         log.info("no method in config.methods uses teachers: none trained or loaded")
     # amalgamation -> evaluation, one run per method and seed
-    label_free = amalgamate_all(cfg, frozen, taskset, dataset, workdir, rows, progress)
+    rule = selection.make_selection(cfg, frozen, holdout, calibrator)
+    label_free = amalgamate_all(
+        cfg, frozen, taskset, dataset, workdir, rows, progress, (train, rule, calibrator)
+    )
     # report
     progress.stage("report: exporting the student to %s", workdir / "student")
     chosen = report.export_student(workdir, label_free)
@@ -84,11 +91,11 @@ def run_stages(cfg, workdir) -> str:
     return report.write_report(workdir, rows, taskset.names, title=cfg.name, figure_paths=paths)
 
 
-def amalgamate_all(cfg, frozen, taskset, dataset, workdir, rows, progress) -> list[dict]:
+def amalgamate_all(cfg, frozen, taskset, dataset, workdir, rows, progress, fitted) -> list[dict]:
     """One student run per method and seed, each reported as it ends (``rows`` grows);
-    returns the result rows of the label-free runs (the candidates for export)."""
-    train, holdout = selection.split_holdout(cfg, dataset.train)
-    rule = selection.make_selection(cfg, frozen, holdout)
+    returns the result rows of the label-free runs (the candidates for export). ``fitted``
+    is ``(training images, selection rule, calibrator)``."""
+    train, rule, calibrator = fitted
     label_free = []
     for name in cfg.methods:
         method = build_method(*resolve_method(cfg, name)[:2])
@@ -96,7 +103,9 @@ def amalgamate_all(cfg, frozen, taskset, dataset, workdir, rows, progress) -> li
             finished = (workdir / "runs" / name / f"seed_{seed}" / "result.json").exists()
             doing = "finished before" if finished else "amalgamating"
             progress.start("student", f"student {name} seed {seed}: {doing}")
-            row = train_student(cfg, name, seed, frozen, taskset, dataset, workdir, train, rule)
+            row = train_student(
+                cfg, name, seed, frozen, taskset, dataset, workdir, train, rule, calibrator
+            )
             progress.finish(cached=finished)
             rows.extend(student_kind(method).report_rows(row))
             if not method.uses_labels:

@@ -20,18 +20,32 @@ from cka_jax.models.build import param_count
 log = logging.getLogger(__name__)
 
 
-def teacher_rows(cfg, teachers, taskset, dataset) -> list[dict]:
-    """The report's rows for each teacher alone and for their ensemble."""
-    teacher_logits = [
-        evaluate.Scorer(model, cfg.augment, cfg.eval_batch_size).logits(variables, dataset.test)
-        for model, variables in teachers
-    ]
-    rows = evaluate.teacher_rows(teacher_logits, dataset.test.labels, taskset)
+def teacher_rows(cfg, teachers, taskset, dataset, calibrator=None) -> list[dict]:
+    """The report's rows for each teacher alone and for their ensemble; with a calibration
+    (`cka_jax.calibrate`), ``ensemble`` is the calibrated one and ``ensemble:none`` the
+    raw concatenation beside it."""
+    from cka_jax.calibrate import teacher_outputs
+
+    calibrated = calibrator is not None and calibrator.kind != "none"
+    needs = calibrated and calibrator.needs_features
+    outputs = teacher_outputs(teachers, dataset.test, cfg.augment, cfg.eval_batch_size, needs)
+    rows = evaluate.teacher_rows(list(outputs.logits), dataset.test.labels, taskset)
     counts = [param_count(v) for _, v in teachers]
     # Each teacher, the ensemble, and the oracle-routed ensemble (with several teachers).
     params = [*counts, sum(counts), sum(counts)][: len(rows)]
     for row, n in zip(rows, params, strict=True):
         row.update(seed=None, params=n)
+    if calibrated:
+        ensemble = next(r for r in rows if r["method"] == "ensemble")
+        raw = {**ensemble, "method": "ensemble:none"}
+        scores = calibrator.union(outputs)
+        ensemble.update(evaluate.accuracies(scores, dataset.test.labels, taskset))
+        ensemble["calibration"] = calibrator.kind
+        rows.insert(rows.index(ensemble) + 1, raw)
+    elif calibrator is not None and calibrator.fallback:
+        next(r for r in rows if r["method"] == "ensemble")["calibration_fallback"] = (
+            calibrator.fallback
+        )
     return rows
 
 

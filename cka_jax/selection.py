@@ -17,6 +17,7 @@ from cka_jax import evaluate
 from cka_jax.data import Split
 
 _HOLDOUT_STREAM = 7919  # seeds the held-out images apart from every other draw
+_SAMPLE_STREAM = 7927  # seeds the students' sample (`student_data_fraction`)
 
 
 @dataclasses.dataclass
@@ -26,7 +27,8 @@ class Selection:
 
     criterion: str
     holdout: Split | None = None
-    teacher_logits: list | None = None  # the teachers' logits on ``holdout``
+    # The teachers' logits on ``holdout`` (or one array of their calibrated union scores).
+    teacher_logits: list | None = None
 
     def applies(self, label_free: bool) -> bool:
         """Labelled methods (supervised, the peer methods) keep their final model."""
@@ -38,18 +40,33 @@ class Selection:
 
 
 def split_holdout(cfg, train: Split) -> tuple[Split, Split | None]:
-    """``(student training images, held-out images or None)``."""
-    if cfg.selection.criterion == "final":
-        return train, None
-    order = np.random.default_rng(int(cfg.tasks.seed) + _HOLDOUT_STREAM).permutation(len(train))
-    k = int(round(cfg.selection.holdout_fraction * len(train)))
-    return train.take(np.sort(order[k:])), train.take(np.sort(order[:k]))
+    """``(student training images, held-out images or None)``. With
+    ``config.student_data_fraction`` < 1 the students train on a seeded uniform sample of
+    that fraction of the images left (drawn without labels)."""
+    holdout = None
+    if cfg.selection.criterion != "final":
+        order = np.random.default_rng(int(cfg.tasks.seed) + _HOLDOUT_STREAM).permutation(len(train))
+        k = int(round(cfg.selection.holdout_fraction * len(train)))
+        train, holdout = train.take(np.sort(order[k:])), train.take(np.sort(order[:k]))
+    fraction = float(cfg.get("student_data_fraction", 1.0))
+    if fraction < 1:
+        order = np.random.default_rng(int(cfg.tasks.seed) + _SAMPLE_STREAM).permutation(len(train))
+        train = train.take(np.sort(order[: int(round(fraction * len(train)))]))
+    return train, holdout
 
 
-def make_selection(cfg, teachers, holdout: Split | None) -> Selection:
-    """The `Selection` of the config: with held-out images, the teachers score them once."""
+def make_selection(cfg, teachers, holdout: Split | None, calibrator=None) -> Selection:
+    """The `Selection` of the config: with held-out images, the teachers score them once
+    (their union scores calibrated by ``calibrator``, `cka_jax.calibrate`)."""
     if holdout is None or not teachers:
         return Selection("final")
+    if calibrator is not None and calibrator.kind != "none":
+        from cka_jax.calibrate import teacher_outputs
+
+        outputs = teacher_outputs(
+            teachers, holdout, cfg.augment, cfg.eval_batch_size, calibrator.needs_features
+        )
+        return Selection(cfg.selection.criterion, holdout, [calibrator.union(outputs)])
     logits = [
         evaluate.Scorer(model, cfg.augment, cfg.eval_batch_size).logits(variables, holdout)
         for model, variables in teachers

@@ -160,20 +160,49 @@ def per_class_fraction(split, fraction: float, seed: int):
     return split.per_class(lambda n: int(np.ceil(fraction * n)), seed)
 
 
+def held_out_positions(labels, fraction: float, seed: int) -> np.ndarray:
+    """Sorted positions of the last ``floor(fraction * n_c)`` images of each class c in a
+    seeded order: the images a teacher holds out of its training
+    (`teacher_validation_fraction`)."""
+    labels = np.asarray(labels)
+    if fraction <= 0:
+        return np.zeros(0, np.int64)
+    # Another stream than the labelled subset's, so the two draws are independent.
+    order = np.random.default_rng(seed + _VALIDATION_STREAM).permutation(len(labels))
+    held = []
+    for c in np.unique(labels):
+        members = order[labels[order] == c]
+        held.append(members[: int(np.floor(fraction * len(members)))])
+    return np.sort(np.concatenate(held)).astype(np.int64)
+
+
 def validation_split(split, fraction: float, seed: int):
-    """``(train, held-out or None)``: the last ``floor(fraction * n_c)`` images of each class
-    in a seeded order are held out (`teacher_validation_fraction`)."""
+    """``(train, held-out or None)`` of a teacher's labelled split (`held_out_positions`)."""
     if fraction <= 0:
         return split, None
-    # Another stream than the labelled subset's, so the two draws are independent.
-    order = np.random.default_rng(seed + _VALIDATION_STREAM).permutation(len(split))
-    held = []
-    for c in np.unique(split.labels):
-        members = order[split.labels[order] == c]
-        held.append(members[: int(np.floor(fraction * len(members)))])
-    held = np.sort(np.concatenate(held))
-    keep = np.setdiff1d(np.arange(len(split)), held)
-    return split.take(keep), split.take(held)
+    held = held_out_positions(split.labels, fraction, seed)
+    return split.take(np.setdiff1d(np.arange(len(split)), held)), split.take(held)
+
+
+def teacher_seed(cfg, t: int) -> int:
+    return int(cfg.tasks.seed) + 1000 * (t + 1)
+
+
+def validation_indices(cfg, taskset, train_labels, t: int) -> np.ndarray:
+    """Indices into the union training split of the images teacher ``t`` held out of its
+    training (empty without `teacher_validation_fraction`): images no teacher trained on."""
+    members = np.flatnonzero(taskset.task_of(train_labels) == t)
+    local = taskset.local_id(np.asarray(train_labels)[members])
+    seed = teacher_seed(cfg, t)
+    if cfg.teacher_data_fraction < 1:  # the labelled subset `per_class_fraction` keeps
+        order = np.random.default_rng(seed).permutation(len(members))
+        keep = []
+        for c in np.unique(local):
+            in_class = order[local[order] == c]
+            keep.append(in_class[: int(np.ceil(cfg.teacher_data_fraction * len(in_class)))])
+        kept = np.sort(np.concatenate(keep))
+        members, local = members[kept], local[kept]
+    return members[held_out_positions(local, cfg.teacher_validation_fraction, seed)]
 
 
 def train_teacher(cfg, m, taskset, dataset, t, out_dir: Path):
@@ -181,7 +210,7 @@ def train_teacher(cfg, m, taskset, dataset, t, out_dir: Path):
     # What this teacher's numbers depend on, recorded before any work (cka_jax.workdir).
     record_fingerprint(out_dir.with_name(name + ".run"), teacher_fingerprint(cfg, t, name))
     num_classes = taskset.sizes[t]
-    seed = int(cfg.tasks.seed) + 1000 * (t + 1)
+    seed = teacher_seed(cfg, t)
     model, variables = init_model(
         m, num_classes, seed, view_shape(cfg.augment), "teacher", compute_dtype(cfg)
     )

@@ -86,6 +86,9 @@ IGNORABLE_WHEN_FINAL = ("eval_every", "eval_batch_size", "selection.holdout_frac
 # What only the students read: a teacher ignores them (besides IGNORABLE).
 STUDENT_ONLY = (
     "student",
+    "student_data_fraction",
+    "teacher_calibration",  # fitted after the teachers, from their outputs
+    "calibration_clusters_per_class",
     "methods",
     "variants",
     "seeds",

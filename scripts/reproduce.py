@@ -27,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -77,6 +78,7 @@ DATA_FLAGS = {
     "cifar10_t4": ("cifar10",),
     "fmnist": ("fashion_mnist",),
     "strong_mixed": ("cifar10",),
+    "strong_mixed_calibrated": ("cifar10",),
     "strong_domain": ("cifar10",),
     "strong_union": ("cifar10", "fashion_mnist"),
 }
@@ -131,9 +133,9 @@ def launch(experiment: str, label: str, workdir: Path, overrides, args, repo: Pa
 
 
 def run_one(experiment, seed, args, repo: Path, shared_teachers=None) -> dict:
-    """One (experiment, seed): its own teachers (``tasks.seed`` = seed), or the
-    ``shared_teachers`` job's (a future of its record) with the tasks and held-out images
-    of seed 0, so that only the student's seed varies."""
+    """One (experiment, seed): its own teachers (``tasks.seed`` = seed), or those of the
+    finished ``shared_teachers`` job (its record) with the tasks and held-out images of
+    seed 0, so that only the student's seed varies."""
     workdir = Path(args.workdir).absolute() / experiment / f"seed_{seed}"
     methods = study.get_config(study_arg(experiment, args.dataset)).methods
     if is_done(workdir, methods):
@@ -142,10 +144,11 @@ def run_one(experiment, seed, args, repo: Path, shared_teachers=None) -> dict:
     if shared_teachers is None:
         overrides.append(f"--config.tasks.seed={seed}")
     else:
-        teachers = shared_teachers.result()
+        teachers = shared_teachers
         if not teachers["status"].startswith(("ok", "done")):
             return {**teachers, "seed": seed, "status": f"teachers {teachers['status']}"}
-        overrides += ["--config.tasks.seed=0", teacher_checkpoints(teacher_dir(args, experiment))]
+        owner = study.SHARED_TEACHERS.get(experiment, experiment)
+        overrides += ["--config.tasks.seed=0", teacher_checkpoints(teacher_dir(args, owner))]
     return launch(experiment, f"seed {seed}", workdir, overrides, args, repo)
 
 
@@ -171,16 +174,63 @@ def teacher_checkpoints(workdir: Path) -> str:
 
 def run_all(experiments, seeds, args, repo: Path) -> list[dict]:
     """Every (experiment, seed), ``args.jobs`` at a time; with shared teachers (the strong
-    study) each experiment's teacher job goes first and its student seeds wait for it."""
+    study) see `run_shared`."""
+    if args.study == "strong":
+        return run_shared(experiments, seeds, args, repo)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        if args.study != "strong":
-            todo = [(e, s) for e in experiments for s in seeds]
-            return list(pool.map(lambda es: run_one(*es, args, repo), todo))
-        shared = {e: pool.submit(teacher_job, e, args, repo) for e in experiments}
-        students = [
-            pool.submit(run_one, e, s, args, repo, shared[e]) for e in experiments for s in seeds
-        ]
-        return [f.result() for f in (*shared.values(), *students)]
+        todo = [(e, s) for e in experiments for s in seeds]
+        return list(pool.map(lambda es: run_one(*es, args, repo), todo))
+
+
+def run_shared(experiments, seeds, args, repo: Path) -> list[dict]:
+    """Jobs in the order [teachers of e, its seeds] for each experiment e; each worker takes
+    the first job that is ready (a student seed once its teachers' job has finished), so no
+    worker waits while another job could run, and the first experiment's students start as
+    soon as its teachers exist. Experiments in `study.SHARED_TEACHERS` use another's."""
+    owners = [study.SHARED_TEACHERS.get(e, e) for e in experiments]
+    queue = []
+    for e, owner in zip(experiments, owners, strict=True):
+        if ("teachers", owner, None) not in queue:
+            queue.append(("teachers", owner, None))
+        queue += [("student", e, s) for s in seeds]
+    done, records = {}, []
+    ready = threading.Condition()
+
+    def take():
+        with ready:
+            while True:
+                for job in queue:
+                    kind, e, _ = job
+                    owner = study.SHARED_TEACHERS.get(e, e)
+                    if kind == "teachers" or owner in done:
+                        queue.remove(job)
+                        return job, done.get(owner)
+                if not queue:
+                    return None, None
+                ready.wait()
+
+    def worker():
+        while True:
+            job, teachers = take()
+            if job is None:
+                return
+            kind, e, seed = job
+            if kind == "teachers":
+                record = teacher_job(e, args, repo)
+            else:
+                record = run_one(e, seed, args, repo, teachers)
+            with ready:
+                records.append(record)
+                if kind == "teachers":
+                    done[e] = record
+                ready.notify_all()
+
+    threads = [threading.Thread(target=worker) for _ in range(args.jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return records
 
 
 def main():

@@ -26,6 +26,7 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+from ml_collections.config_dict import placeholder
 
 from .base import Dataset, Split
 from .errors import DataNotFoundError
@@ -87,7 +88,7 @@ def default_source_config(name: str) -> ml_collections.ConfigDict:
             train_split="train",
             test_split="test",
             strict=False,
-            train_per_class=None,
+            train_per_class=placeholder(int),  # None: all; an int may override it
         )
     elif name == "numpy":
         fields = dict(name=name, path=None, image_size=None, class_names=None)
@@ -101,7 +102,7 @@ def default_source_config(name: str) -> ml_collections.ConfigDict:
             image_size=None,
             channels=1,
             class_names=None,
-            train_per_class=None,
+            train_per_class=placeholder(int),  # None: all; an int may override it
             **DEFAULT_FILES,
         )
     else:

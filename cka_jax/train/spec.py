@@ -3,6 +3,7 @@ method, the benchmark (scripts/benchmark.py times exactly this step) and the tes
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax.numpy as jnp
@@ -15,10 +16,13 @@ from cka_jax.train.step import StepSpec, build_heads, learning_rate_schedule, ma
 from cka_jax.train.students import student_kind
 
 
-def student_run(cfg, name, num_classes, seed, teacher_models, total_steps, num_data):
+def student_run(
+    cfg, name, num_classes, seed, teacher_models, total_steps, num_data, calibration=None
+):
     """``(spec, student variables)`` of method (or variant) ``name``'s run with ``seed``: its
     student (fresh, from its checkpoint, or peer networks) and the step that trains it with
-    ``teacher_models`` (used only when the method needs teachers)."""
+    ``teacher_models`` (used only when the method needs teachers), their logits calibrated
+    by ``calibration`` (a `cka_jax.calibrate.Calibrator`; None or 'none': raw)."""
     base, loss_cfg, student_cfg = resolve_method(cfg, name)
     method = build_method(base, loss_cfg)
     student, variables = student_kind(method).build(
@@ -33,6 +37,8 @@ def student_run(cfg, name, num_classes, seed, teacher_models, total_steps, num_d
     spec = step_spec(
         cfg, method, loss_cfg, student, teacher_models, cfg.optimizer, total_steps, num_data
     )
+    if calibration is not None and calibration.kind != "none" and method.uses_teachers:
+        spec = dataclasses.replace(spec, calibration=calibration)
     return spec, variables
 
 

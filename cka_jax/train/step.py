@@ -65,6 +65,9 @@ class StepSpec:
     tx: optax.GradientTransformation
     num_data: int = 0  # training-set size: the rows of MCL-OKD's memory bank
     learning_rate: Callable | None = None  # step -> the rate of that update (for the logs)
+    # (teacher logits, pooled teacher features) -> calibrated union scores per teacher
+    # (`cka_jax.calibrate.Calibrator`); None distils from the raw logits.
+    calibration: Callable | None = None
 
     @property
     def kind(self):
@@ -176,6 +179,9 @@ def _forward(params, state, teacher_variables, batch, spec: StepSpec, axis_name)
         ]
         outputs["teacher_logits"] = [o[0] for o in teacher_out]
         outputs["teacher_features"] = [o[1] for o in teacher_out]
+        if spec.calibration is not None:  # per image, so before the batch is gathered
+            pooled = [o[1].mean(axis=(1, 2)) for o in teacher_out]
+            outputs["teacher_logits"] = spec.calibration(outputs["teacher_logits"], pooled)
     if spec.heads is not None:
         outputs.update(
             spec.heads.apply(
