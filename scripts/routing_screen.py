@@ -104,6 +104,20 @@ def main():
     report["labelled_probe_routing"] = float(
         100 * np.mean(probe.predict(calibration.joint_features(val_out.features)) == owner)
     )
+    # The richer probe: features, each teacher's standardized logits and energy, with labels.
+    std = calibration.fit_standardize(fit_out)
+
+    def everything(out):
+        z = [np.asarray(a) for a in calibration.apply_standardize(std, out.logits)]
+        e = calibration.energies(out.logits)
+        return np.concatenate([calibration.joint_features(out.features), *z, e], -1)
+
+    probe = LogisticRegression(max_iter=4000).fit(
+        everything(fit_out), taskset.task_of(fit_split.labels)
+    )
+    report["labelled_probe_all_outputs_routing"] = float(
+        100 * np.mean(probe.predict(everything(val_out)) == owner)
+    )
     oracle = evaluate.oracle_routing_scores(list(val_out.logits), val_split.labels, taskset)
     report["oracle"] = evaluate.accuracies(oracle, val_split.labels, taskset)
     rows = []

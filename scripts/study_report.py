@@ -38,6 +38,8 @@ TABLE2 = ("supervised", "teachers", "ensemble", "kd", "cfl", "cka_intra", "cka_i
 LABELS = {
     "supervised": "Supervised",
     "ensemble": "Ensemble",
+    "ensemble:none": "Ensemble, uncalibrated",
+    "oracle_routing": "Ensemble, oracle routing (reads labels: a bound)",
     "kd": "Vanilla KD",
     "cfl": "CFL",
     "cka_intra": "CKA-Intra",
@@ -50,7 +52,32 @@ SETTINGS = {
     "cifar10": "CIFAR-10, 2 teachers",
     "cifar10_t4": "CIFAR-10, 4 teachers",
     "fmnist": "Fashion-MNIST, 2 teachers",
+    "strong_mixed": "CIFAR-10 classes 0-4 | 5-9 (animals and vehicles mixed), strong teachers",
+    "strong_mixed_calibrated": "the same teachers, targets calibrated for routing",
+    "strong_domain": "CIFAR-10 vehicles | animals, strong teachers",
+    "strong_union": "CIFAR-10 + Fashion-MNIST, one strong teacher each",
 }
+STRONG_TABLE = (
+    "teachers",
+    "ensemble",
+    "oracle_routing",
+    "kd",
+    "cfl",
+    "cka_intra",
+    "cka_inter",
+    "cka",
+    "supervised",
+)
+# The paper's claims in a setting: (claim, method, reference); "holds" when the paired
+# 95% interval of merged(method) - merged(reference) lies above 0.
+CLAIMS = (
+    ("CKA > KD", "cka", "kd"),
+    ("CKA > CFL", "cka", "cfl"),
+    ("CKA > CKA-Intra", "cka", "cka_intra"),
+    ("CKA > CKA-Inter", "cka", "cka_inter"),
+    ("KD >= ensemble", "kd", "ensemble"),
+    ("CKA >= ensemble", "cka", "ensemble"),
+)
 POWER = 0.8  # of the minimum detectable difference
 ALPHA = 0.05
 
@@ -86,7 +113,8 @@ def ordered(summary: dict, order) -> list[str]:
 
 
 def paired_diffs(rows: list[dict], method: str, reference: str = "kd") -> list[float]:
-    """``merged(method) - merged(reference)`` on each seed both ran.
+    """``merged(method) - merged(reference)`` on each seed both ran (a row of the teachers,
+    e.g. the ensemble, pairs with every seed of its workdir).
 
     Each seed has its own teachers, so the spread across seeds is mostly the teachers'; the
     paired difference removes it and is what tells two methods apart."""
@@ -126,6 +154,93 @@ def verdict(st: dict | None) -> str:
     if high < 0:
         return "lower"
     return "cannot be told apart"
+
+
+def claim_verdict(rows, method, reference, *, at_least=False) -> str:
+    """'holds' / 'does not hold' / 'cannot be told apart' for merged(method) > (or >=)
+    merged(reference), from the paired 95% interval; with the interval."""
+    st = paired_stats(paired_diffs(rows, method, reference))
+    if st is None:
+        return "-"
+    low, high = st["ci"]
+    if at_least:  # ">=": holds unless the interval lies below 0
+        word = "does not hold" if high < 0 else ("holds" if low > 0 else "cannot be told apart")
+    else:
+        word = "holds" if low > 0 else ("does not hold" if high < 0 else "cannot be told apart")
+    return f"{word}: {st['mean']:+.2f} [{low:+.2f}, {high:+.2f}], detectable Δ {st['mde']:.2f}"
+
+
+def verdicts(rows) -> str:
+    lines = ["| Claim | Verdict: paired Δ [95% interval] |", "|---|---|"]
+    for claim, method, reference in CLAIMS:
+        verdict_text = claim_verdict(rows, method, reference, at_least=">=" in claim)
+        lines.append(f"| {claim} | {verdict_text} |")
+    return "\n".join(lines)
+
+
+def strong_sections(summaries: dict, rows: dict) -> list[str]:
+    sections = []
+    for exp in ("strong_mixed", "strong_domain", "strong_union"):
+        if exp not in summaries:
+            continue
+        teachers = [
+            f"{label(m)} {next(v for v in s['task_acc_mean'].values() if v is not None):.1f}%"
+            for m, s in summaries[exp].items()
+            if m.startswith("teacher:")
+        ]
+        names = ordered(summaries[exp], STRONG_TABLE)
+        sections.append(
+            f"## `{exp}`: {SETTINGS[exp]}\n\nTeachers within their task: "
+            + ", ".join(teachers)
+            + ".\n\n"
+            + table(summaries[exp], names, rows=rows[exp])
+            + "\n\nAgainst the ensemble (paired by seed):\n\n"
+            + table(summaries[exp], names, rows=rows[exp], reference="ensemble")
+            + "\n\n"
+            + verdicts(rows[exp])
+        )
+    if "strong_mixed_calibrated" in summaries and "strong_mixed" in summaries:
+        sections.append(calibrated_section(summaries, rows))
+    return sections
+
+
+def calibrated_section(summaries: dict, rows: dict) -> str:
+    """Routing: the calibrated ensemble and students beside the uncalibrated ones (the same
+    teachers, seeds paired), against the uncalibrated ensemble."""
+    plain, cal = rows["strong_mixed"], rows["strong_mixed_calibrated"]
+    merged = [
+        {**r, "method": "ensemble:none"} if r["method"] == "ensemble" else r
+        for r in plain
+        if r["method"] in ("ensemble", "kd", "cka", "oracle_routing", "supervised")
+    ]
+    merged += [
+        {**r, "method": f"{r['method']}:calibrated"}
+        for r in cal
+        if r["method"] in ("ensemble", "kd", "cka")
+    ]
+    summary = report.summarize(merged)
+    names = [
+        n
+        for n in (
+            "ensemble:none",
+            "ensemble:calibrated",
+            "kd",
+            "kd:calibrated",
+            "cka",
+            "cka:calibrated",
+            "oracle_routing",
+            "supervised",
+        )
+        if n in summary
+    ]
+    kind = study.STUDY_CALIBRATION
+    titles = [
+        label(n.removesuffix(":calibrated")) + (f", calibrated ({kind})" if ":cal" in n else "")
+        for n in names
+    ]
+    return f"## Routing (`strong_mixed`, calibration `{kind}`)\n\n" + table(
+        summary, names, titles=titles, rows=merged, reference="ensemble:none"
+    )
 
 
 def table(summary: dict, names, *, titles=None, rows=None, reference="kd") -> str:
@@ -293,36 +408,47 @@ def mnist_sections(summaries: dict, rows: dict, suffix: str) -> list[str]:
 # --- figures ------------------------------------------------------------------------------
 
 
-def epoch_curves(workdir: Path, experiment: str, seeds, method: str):
+def epoch_curves(workdir: Path, experiment: str, seeds, method: str, key="eval/merged_acc"):
     curves = []
     for seed in seeds:
         path = run_dir(workdir, experiment, seed) / "runs" / method / f"seed_{seed}"
         path = path / "metrics.jsonl"
         if path.exists():
             lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-            curves.append([x["eval/merged_acc"] for x in lines if "eval/merged_acc" in x])
+            curves.append([x[key] for x in lines if key in x])
+    curves = [c for c in curves if c]
     if not curves:
         return None
     length = min(len(c) for c in curves)
     return np.mean([c[:length] for c in curves], axis=0)
 
 
-def plot_curves(workdir, out: Path, experiments, seeds, summaries):
+CURVE_NAMES = {
+    "eval/merged_acc": ("accuracy_vs_epoch", "merged test acc. (%)"),
+    "eval/selection_score": ("agreement_vs_epoch", "agreement with teachers, held-out (%)"),
+}
+
+
+def plot_curves(workdir, out: Path, experiments, seeds, summaries, key="eval/merged_acc", tag=""):
+    """Mean over seeds of ``key`` after each epoch, one panel per experiment: test accuracy,
+    or (``eval/selection_score``) the label-free curve: agreement with the teachers on
+    held-out training images."""
+    stem, ylabel = CURVE_NAMES[key]
     fig, axes = plt.subplots(1, len(experiments), figsize=(6 * len(experiments), 4.2))
     for ax, exp in zip(np.atleast_1d(axes), experiments, strict=True):
         for method in ("supervised", "kd", "cfl", "cka_intra", "cka_inter", "cka"):
-            curve = epoch_curves(workdir, exp, seeds, method)
+            curve = epoch_curves(workdir, exp, seeds, method, key)
             if curve is not None:
                 ax.plot(np.arange(1, len(curve) + 1), curve, marker="o", label=label(method))
         ensemble = summaries[exp].get("ensemble")
-        if ensemble:
+        if ensemble and key == "eval/merged_acc":
             ax.axhline(ensemble["merged_acc_mean"], color="k", ls="--", label="Ensemble")
-        ax.set(title=f"{exp}: {SETTINGS.get(exp, '')}", xlabel="epoch", ylabel="merged acc. (%)")
+        ax.set(title=f"{exp}: {SETTINGS.get(exp, '')}", xlabel="epoch", ylabel=ylabel)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_epoch.png", dpi=110)
+    fig.savefig(out / f"{stem}{'_' + tag if tag else ''}.png", dpi=110)
     plt.close(fig)
 
 
@@ -495,6 +621,7 @@ def write(workdir, out, *, experiments, seeds, runs, study_wall_s, command, data
         f"seed (mean ± std), its 95% t-interval, and the smallest true difference a paired "
         f"t-test at 5% detects with {POWER:.0%} power given that spread."
     ]
+    sections += strong_sections(summaries, rows)
     sections += natural_sections(summaries, rows)
     sections += mnist_sections(summaries, rows, suffix)
     walls = [r for r in runs if r.get("wall_s")]
@@ -512,6 +639,10 @@ def write(workdir, out, *, experiments, seeds, runs, study_wall_s, command, data
         "summaries": summaries,
     }
     previous.write_text(json.dumps(study_json, indent=1, sort_keys=True))
+    strong = [e for e in ("strong_mixed", "strong_domain", "strong_union") if e in summaries]
+    if strong:
+        plot_curves(workdir, out, strong, seeds, summaries, "eval/merged_acc", "strong")
+        plot_curves(workdir, out, strong, seeds, summaries, "eval/selection_score", "strong")
     table2 = [e for e in ("cifar10", "fmnist", "base", "hard") if e in summaries]
     if table2:
         plot_curves(workdir, out, table2, seeds, summaries)
