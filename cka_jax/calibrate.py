@@ -85,7 +85,7 @@ def teacher_outputs(teachers, split, aug_cfg, batch_size: int, features: bool = 
                 out.append(f.astype(jnp.float32).mean(axis=(1, 2)))
             return jnp.concatenate(out, -1)
 
-        out = evaluate.predict(jax.jit(forward), variables, split, batch_size)
+        out = evaluate.predict(evaluate.jit_gathered(forward), variables, split, batch_size)
         k = model.num_classes
         logits.append(out[:, :k].astype(np.float64))
         if features:

@@ -81,6 +81,13 @@ def _eval_forward(model, aug_cfg, eval_logits, devices: tuple, conv_kernels: str
     )
 
 
+def jit_gathered(forward: Callable, devices: tuple | None = None) -> Callable:
+    """``jax.jit(forward)`` with its outputs gathered whole on every device, so every process
+    can read them (what `predict` needs when the batch spans processes)."""
+    devices = tuple(jax.devices() if devices is None else devices)
+    return jax.jit(forward, out_shardings=_shardings(devices)[0])
+
+
 def predict(
     forward: Callable, variables, split, batch_size: int, devices: tuple | None = None
 ) -> np.ndarray:
