@@ -44,7 +44,9 @@ def teacher_outputs(models, split, aug_cfg, batch_size=500):
             z, f = model.apply(v, eval_preprocess(images, **kwargs))
             return jax.numpy.concatenate([z, f.mean(axis=(1, 2))], -1)
 
-        out = evaluate.predict(evaluate.jit_gathered(forward), variables, split, batch_size).astype(np.float64)
+        out = evaluate.predict(evaluate.jit_gathered(forward), variables, split, batch_size).astype(
+            np.float64
+        )
         k = model.num_classes
         logits.append(out[:, :k])
         features.append(out[:, k:])
