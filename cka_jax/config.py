@@ -13,7 +13,9 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from cka_jax import methods
-from cka_jax.choices import (
+from cka_jax.data.presets import augment_config
+from cka_jax.data.sources import default_source_config
+from cka_jax.methods.choices import (
     CALIBRATION_KINDS,
     COMPUTE_DTYPES,
     DISTANCE_KINDS,
@@ -25,8 +27,6 @@ from cka_jax.choices import (
     SELECTION_CRITERIA,
     STEMS,
 )
-from cka_jax.data.presets import augment_config
-from cka_jax.data.sources import default_source_config
 from cka_jax.models.catalog import ARCHITECTURE_STAGES
 
 # The loss fields that name a choice, and their valid values.
@@ -41,7 +41,7 @@ LOSS_CHOICES = {
 
 
 def distributed_config() -> ml_collections.ConfigDict:
-    """``config.distributed`` (`cka_jax.distributed`): None fields come from the environment
+    """``config.distributed`` (`cka_jax.infra.distributed`): None fields come from the environment
     or JAX's detection."""
     return ml_collections.ConfigDict(
         dict(
@@ -133,7 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher_validation_fraction = 0.0
     c.teacher_optimizer = ml_collections.ConfigDict(dict(learning_rate=5e-4, weight_decay=5e-4))
 
-    # How the frozen teachers' outputs become union scores (cka_jax.calibration), fitted
+    # How the frozen teachers' outputs become union scores (cka_jax.methods.calibration), fitted
     # once on the unlabelled training images: 'none' distils from the raw concatenation of
     # their logits, as the papers do; the others put the teachers on one scale or route
     # between them. Used by the ensemble row, every student's targets and selection.
@@ -167,7 +167,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Computation dtype of every model and head: 'float32' | 'bfloat16'. Parameters, the
     # optimiser state and every loss reduction stay float32 either way.
     c.compute_dtype = "float32"
-    # Multi-process runs (cka_jax.distributed): join with JAX's distributed runtime.
+    # Multi-process runs (cka_jax.infra.distributed): join with JAX's distributed runtime.
     c.distributed = distributed_config()
     # Which model a label-free run keeps (and exports): the final one, or the best by
     # agreement with the teachers' union argmax on `holdout_fraction` of the training images,
@@ -175,7 +175,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.selection = ml_collections.ConfigDict(dict(criterion="final", holdout_fraction=0.1))
     c.log_every = 50
     # Every log_every steps, each loss term's gradient share on the student and the inter
-    # term's transport-map peakedness (cka_jax.diagnostics), by a separate jitted function.
+    # term's transport-map peakedness (cka_jax.methods.diagnostics), by a separate jitted function.
     c.diagnostics = True
     # Draw the figures (figures/*.png) at the end. False skips them (a headless job, a quick
     # test); `python -m cka_jax.report --workdir=DIR` draws them later from the workdir.

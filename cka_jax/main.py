@@ -5,7 +5,7 @@ Re-running the same command after an interruption resumes where it stopped.
 
 Exit codes: 0 finished; 2 an error whose message says what is wrong and what to do (a bad
 config, missing data, a checkpoint that does not fit, a full disk, ...); 75 stopped by
-SIGTERM or SIGINT after writing a checkpoint, rerun to resume (`cka_jax.train.preemption`).
+SIGTERM or SIGINT after writing a checkpoint, rerun to resume (`cka_jax.infra.preemption`).
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from cka_jax import console, distributed, experiment
-from cka_jax.checkpoint import CheckpointError
 from cka_jax.config import distributed_config, unknown_field
 from cka_jax.data import DataNotFoundError, DataPreparationError
-from cka_jax.files import is_disk_full
+from cka_jax.infra import console, distributed
+from cka_jax.infra.checkpoint import CheckpointError
+from cka_jax.infra.files import is_disk_full
+from cka_jax.infra.preemption import Preempted
+from cka_jax.infra.workdir import WorkdirError
+from cka_jax.stages import experiment
 from cka_jax.train.loop import NonFiniteLossError
-from cka_jax.train.preemption import Preempted
-from cka_jax.workdir import WorkdirError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).")

@@ -3,10 +3,10 @@
     python scripts/benchmark.py --method=cka --teacher=resnet18 --student=resnet18 \
         --image_size=64 --batch_size=64 [--dtype=bfloat16] [--devices=2] [--compare_torch]
 
-See `cka_jax.bench.step_benchmark` (and docs/performance.md) for what it reports.
+See `benchmarks.step_benchmark` (and docs/performance.md) for what it reports.
 """
 
-from cka_jax.bench.step_benchmark import main
+from benchmarks.step_benchmark import main
 
 if __name__ == "__main__":
     main()

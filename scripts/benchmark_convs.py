@@ -9,7 +9,7 @@ and its ``jax.vjp`` with respect to the input or the kernel, each jitted on its 
 drops the unused forward). PyTorch: ``F.conv2d`` on channels_last tensors under
 ``no_grad`` and ``aten.convolution_backward`` with one output asked for, which is what
 autograd calls (oneDNN). ``--stem_formulation=s2d`` also times the stem as space-to-depth
-plus a stride-1 4x4 convolution (`cka_jax.bench.formulations`).
+plus a stride-1 4x4 convolution (`benchmarks.formulations`).
 
 Prints a table of medians per op (ms), the JAX / PyTorch ratio, and the time of each op
 kind summed over one KD/CFL step's convolutions (two resnet-18 teachers forward, the
@@ -91,7 +91,7 @@ def jax_ops(n, size, cin, cout, k, s, p, stem_s2d=False, options=None):
     import jax
     import numpy as np
 
-    from cka_jax.bench import formulations
+    from benchmarks import formulations
 
     rng = np.random.default_rng(0)
     x = jax.numpy.asarray(rng.standard_normal((n, size, size, cin), np.float32))

@@ -1,7 +1,7 @@
-"""A/B of the CPU convolution kernels (`cka_jax.xla_options`) in the real train step, in one
+"""A/B of the CPU convolution kernels (`cka_jax.infra.xla_options`) in the real train step, in one
 process, steps interleaved: XLA's default ('ynnpack'), YNNPACK fusions off ('eigen') and
 YNNPACK off for stand-alone convolutions ('mixed'), and with ``--torch`` the PyTorch reference step
-(`cka_jax.bench.torch_reference`, kd and cfl) as a third, interleaved the same way.
+(`benchmarks.torch_reference`, kd and cfl) as a third, interleaved the same way.
 
     python scripts/benchmark_cpu_convolutions.py --method=cfl --student=resnet34 \
         --image_size=224 --batch_size=16 --no_augment --steps=5 --torch
@@ -19,14 +19,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cka_jax.bench import step_benchmark as benchmark  # noqa: E402
+from benchmarks import step_benchmark as benchmark  # noqa: E402
 
 
 def main(argv=None):
     import jax
     import numpy as np
 
-    from cka_jax import xla_options
+    from cka_jax.infra import xla_options
 
     argv = list(sys.argv[1:] if argv is None else argv)
     with_torch = "--torch" in argv

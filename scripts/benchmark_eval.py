@@ -88,9 +88,10 @@ def main(argv=None):
     import jax
     import numpy as np
 
-    from cka_jax import distributed, evaluate
     from cka_jax.config import distributed_config, model_config
     from cka_jax.data import Split, augment_config
+    from cka_jax.evaluation import evaluate
+    from cka_jax.infra import distributed
     from cka_jax.models.build import init_model
 
     distributed.initialize(distributed_config())

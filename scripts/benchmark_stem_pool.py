@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from cka_jax.bench import step_benchmark as benchmark  # noqa: E402
+from benchmarks import step_benchmark as benchmark  # noqa: E402
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-"""Screens the teacher calibrations (cka_jax.calibration) by the ensemble they give, without
+"""Screens the teacher calibrations (cka_jax.methods.calibration) by the ensemble they give, without
 training any student: fitted on unlabelled training images, scored on held-out ones.
 
     python scripts/routing_screen.py --workdir=runs/study_strong/strong_mixed/teachers \
@@ -32,9 +32,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cka_jax import calibrate, calibration, checkpoint, evaluate  # noqa: E402
-from cka_jax.experiment import prepare_data  # noqa: E402
-from cka_jax.teachers import validation_indices  # noqa: E402
+from cka_jax.evaluation import evaluate  # noqa: E402
+from cka_jax.methods import calibration
+from cka_jax.models import storage
+from cka_jax.stages import calibrate
+from cka_jax.stages.inputs import prepare_data  # noqa: E402
+from cka_jax.stages.teachers import validation_indices  # noqa: E402
 
 
 def teacher_outputs(models, split, aug_cfg, batch_size=500):
@@ -161,7 +164,7 @@ def main():
     workdir = Path(args.workdir)
     cfg = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     taskset, dataset = prepare_data(cfg)
-    models = [checkpoint.load_model(workdir / "teachers" / n)[:2] for n in taskset.names]
+    models = [storage.load_model(workdir / "teachers" / n)[:2] for n in taskset.names]
     val = np.concatenate(
         [
             validation_indices(cfg, taskset, dataset.train.labels, t)

@@ -26,10 +26,18 @@ import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cka_jax import checkpoint, experiment, methods, report, teachers  # noqa: E402
+from cka_jax import methods
 from cka_jax.config import resolve_method  # noqa: E402
 from cka_jax.data import eval_kwargs, eval_preprocess  # noqa: E402
-from cka_jax.models import create_model  # noqa: E402
+from cka_jax.models import (
+    create_model,  # noqa: E402
+    storage,
+)
+from cka_jax.stages import (  # noqa: E402
+    inputs,
+    report,
+    teachers,  # noqa: E402
+)
 from cka_jax.train.step import build_heads  # noqa: E402
 from cka_jax.train.students import PeerStudent  # noqa: E402
 from configs import study  # noqa: E402
@@ -481,8 +489,8 @@ def common_space_features(workdir: Path, experiment_arg: str, seed: int, method_
     base = run_dir(workdir, experiment_arg.split(",")[0], seed)
     if "root" in cfg.data:  # where the run read its data (e.g. --cifar10=DIR)
         cfg.data.root = json.loads((base / "config.json").read_text())["data"]["root"]
-    taskset, dataset = experiment.prepare_data(cfg)
-    frozen = [checkpoint.load_model(base / "teachers" / name)[:2] for name in taskset.names]
+    taskset, dataset = inputs.prepare_data(cfg)
+    frozen = [storage.load_model(base / "teachers" / name)[:2] for name in taskset.names]
     method_base, loss_cfg, student_cfg = resolve_method(cfg, method_name)
     method = methods.build_method(method_base, loss_cfg)
     heads = build_heads(method, tuple(m for m, _ in frozen))

@@ -2,10 +2,10 @@
 
     python scripts/torch_reference.py [--method cfl] [--batch_size 8] [--image_size 32]
 
-See `cka_jax.bench.torch_reference`.
+See `benchmarks.torch_reference`.
 """
 
-from cka_jax.bench.torch_reference import main
+from benchmarks.torch_reference import main
 
 if __name__ == "__main__":
     main()

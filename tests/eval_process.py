@@ -43,7 +43,7 @@ def fixture():
 
 def score(batch_size: int, devices=None) -> tuple[np.ndarray, dict]:
     """``(logits, accuracies)`` of the fixture scored in batches of ``batch_size``."""
-    from cka_jax import evaluate
+    from cka_jax.evaluation import evaluate
 
     model, variables, split = fixture()
     scorer = evaluate.Scorer(model, aug_config(), batch_size, devices=devices)
@@ -56,8 +56,8 @@ def main(out: str, batch_size: int) -> None:
 
     import jax
 
-    from cka_jax import distributed
     from cka_jax.config import distributed_config
+    from cka_jax.infra import distributed
 
     distributed.initialize(distributed_config())
     logits, acc = score(batch_size)

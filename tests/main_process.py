@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from cka_jax.checkpoint import RunCheckpoints
+from cka_jax.infra.checkpoint import RunCheckpoints
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "tests" / "tiny_config.py"

@@ -2,7 +2,7 @@
 not a timing): its report has the documented fields, --two_views really adds the second
 student pass, and --against times a second method in the same process."""
 
-from cka_jax.bench import step_benchmark as benchmark
+from benchmarks import step_benchmark as benchmark
 
 TINY = [
     "--teacher=resnet10",

@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cka_jax import calibrate, calibration, checkpoint, experiment, losses
-from cka_jax.calibrate import Calibrator
 from cka_jax.data import Split
+from cka_jax.methods import calibration, losses
+from cka_jax.models import storage
+from cka_jax.stages import calibrate, experiment, inputs
+from cka_jax.stages.calibrate import Calibrator
 from tests import tiny_config
 
 pytestmark = pytest.mark.slow  # whole (tiny) experiments
@@ -24,8 +26,8 @@ def teachers_run(tmp_path_factory):
     cfg.methods = ()
     workdir = tmp_path_factory.mktemp("teachers")
     experiment.run(cfg, workdir)
-    taskset, dataset = experiment.prepare_data(cfg)
-    frozen = [checkpoint.load_model(workdir / "teachers" / n)[:2] for n in taskset.names]
+    taskset, dataset = inputs.prepare_data(cfg)
+    frozen = [storage.load_model(workdir / "teachers" / n)[:2] for n in taskset.names]
     return cfg, workdir, taskset, dataset, frozen
 
 

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cka_jax import calibration
-from cka_jax.calibration import CALIBRATIONS, TeacherOutputs
+from cka_jax.methods import calibration
+from cka_jax.methods.calibration import CALIBRATIONS, TeacherOutputs
 
 
 def two_teachers(n=4000, scale=(1.0, 3.0), priors=(0.5, 0.5), seed=0, sizes=(3, 2)):

@@ -52,9 +52,9 @@ def test_conv_picks_im2col_only_for_tiny_outputs_with_flax_conv_parameters():
     [(32, 7, 2, 3), (33, 7, 2, 3), (9, 3, 2, 1), (10, 5, 3, 2), (7, 1, 2, 0)],
 )
 def test_space_to_depth_matches_xla_convolution_and_its_gradient(size, kernel, stride, padding):
-    """The measured alternative stem (`cka_jax.bench.formulations`): same values and
+    """The measured alternative stem (`benchmarks.formulations`): same values and
     gradients as the plain strided convolution, with the plain kernel's parameters."""
-    from cka_jax.bench.formulations import space_to_depth_conv
+    from benchmarks.formulations import space_to_depth_conv
 
     kx, kw = jax.random.split(jax.random.key(1))
     x = jax.random.normal(kx, (2, size, size, 3))

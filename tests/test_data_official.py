@@ -23,6 +23,7 @@ from PIL import Image
 
 from cka_jax.data import DataNotFoundError, load_source
 from cka_jax.data.cars import _pil_box
+from cka_jax.stages.inputs import prepare_data
 
 REPO = Path(__file__).resolve().parents[1]
 LEVEL = 40  # class c is drawn with gray level 20 + LEVEL * c
@@ -380,7 +381,8 @@ E2E_SCRIPT = textwrap.dedent(
         sys.modules[name] = None
     repo, cars_root, air_root, workdir = sys.argv[1:]
     sys.path.insert(0, repo)
-    from cka_jax import experiment
+    from cka_jax.stages import experiment
+    from cka_jax.stages import inputs
     from cka_jax.config import model_config
 
     cfg = importlib.import_module("configs.cars_aircraft").get_config()
@@ -423,13 +425,12 @@ def test_cars_aircraft_config_runs_end_to_end_without_tensorflow(tmp_path):
 
 
 def test_cars_aircraft_names_every_missing_dataset_at_once(tmp_path):
-    from cka_jax import experiment
     from configs import cars_aircraft
 
     cfg = cars_aircraft.get_config()
     cfg.data.root, cfg.union[0].root = str(tmp_path / "no_cars"), str(tmp_path / "no_air")
     with pytest.raises(DataNotFoundError) as err:
-        experiment.prepare_data(cfg)
+        prepare_data(cfg)
     text = str(err.value)
     assert "2 datasets of this config are missing" in text
     assert "--config.data.root=DIR" in text and "--config.union[0].root=DIR" in text

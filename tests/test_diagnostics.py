@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cka_jax import diagnostics, losses
-from cka_jax.methods import Method
+from cka_jax.methods import Method, diagnostics, losses
 from cka_jax.train import step as step_module
 from cka_jax.train.runtime import Runner
 from tests.test_step_parallel import build

@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cka_jax import export
-from cka_jax.checkpoint import DiskFullError, RunCheckpoints, load_model, save_model
+from cka_jax.infra.checkpoint import DiskFullError, RunCheckpoints
+from cka_jax.interop import export
 from cka_jax.models import create_model
+from cka_jax.models.storage import load_model, save_model
 from tests.main_process import REPO, assert_same_run, main_command
 from tests.test_preemption import RUNS, assert_same_metrics
 

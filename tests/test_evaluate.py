@@ -4,8 +4,8 @@ accuracy, teacher agreement, and the teacher rows."""
 import numpy as np
 import pytest
 
-from cka_jax import evaluate
 from cka_jax.data import TaskSet
+from cka_jax.evaluation import evaluate
 
 # Two tasks: union classes 0-2 (task a) and 3-4 (task b).
 TASKS = TaskSet(names=("a", "b"), classes=((0, 1, 2), (3, 4)), class_names="vwxyz", num_classes=5)

@@ -10,10 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from cka_jax import checkpoint, evaluate, experiment, okd
-from cka_jax.checkpoint import load_model
-from cka_jax.methods import build_method
-from cka_jax.models import ResNet, create_model, init_variables
+from cka_jax.evaluation import evaluate
+from cka_jax.methods import build_method, okd
+from cka_jax.models import ResNet, create_model, init_variables, storage
+from cka_jax.models.storage import load_model
+from cka_jax.stages import experiment, inputs
 from cka_jax.train.spec import view_shape
 from cka_jax.train.students import PLAIN
 from tests import tiny_config
@@ -131,7 +132,7 @@ def test_exported_student_predicts_top5_by_class_name(all_methods_run, tmp_path)
         Image.fromarray(data.test.images[i, ..., 0]).save(path)
         paths.append(str(path))
     out = subprocess.run(
-        [sys.executable, "-m", "cka_jax.predict", f"--workdir={workdir}", *paths],
+        [sys.executable, "-m", "cka_jax.interop.predict", f"--workdir={workdir}", *paths],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -210,8 +211,8 @@ def test_mcl_okd_run_resumes_from_its_checkpoint_with_the_memory_bank(all_method
     assert step == 20
     ref_rows = json.loads((reference / "results.json").read_text())["rows"]
     # What is kept is the leader alone, as a plain ResNet scoring the reported accuracy.
-    model, leader, _ = checkpoint.load_model(reference / run / "selected")
-    taskset, dataset = experiment.prepare_data(cfg)
+    model, leader, _ = storage.load_model(reference / run / "selected")
+    taskset, dataset = inputs.prepare_data(cfg)
     scorer = evaluate.Scorer(model, cfg.augment, 64, PLAIN.eval_logits)
     scores = scorer.logits(leader, dataset.test)
     row = next(r for r in ref_rows if r["method"] == "mcl_okd")

@@ -1,5 +1,5 @@
-"""Exporting models (`cka_jax.export`): real round trips through torchvision's own models,
-the PyTorch loader `cka_jax.torch_resnet`, and StableHLO run in a fresh process.
+"""Exporting models (`cka_jax.interop.export`): real round trips through torchvision's own models,
+the PyTorch loader `cka_jax.interop.torch_resnet`, and StableHLO run in a fresh process.
 
 These tests need torch, torchvision, safetensors and flatbuffers; without them the module
 fails to import with a message saying so, rather than being skipped.
@@ -28,9 +28,9 @@ except ImportError as err:  # fail loudly: these tests must run in CI
         "pip install -e '.[port,test]' flatbuffers"
     ) from err
 
-from cka_jax import export, port, torch_resnet
-from cka_jax.checkpoint import save_model
+from cka_jax.interop import export, port, torch_resnet
 from cka_jax.models import create_model
+from cka_jax.models.storage import save_model
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 5
@@ -118,7 +118,7 @@ def assert_same_variables(actual, expected):
 def run_cli(*args, timeout=300):
     """``python -m cka_jax.export ARGS`` in a fresh process."""
     return subprocess.run(
-        [sys.executable, "-m", "cka_jax.export", *map(str, args)],
+        [sys.executable, "-m", "cka_jax.interop.export", *map(str, args)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -220,7 +220,7 @@ def check_torch_resnet_round_trip(model, variables, directory, out, *, arch, ste
     assert export.main([f"--model_dir={directory}", "--format=safetensors", f"--out={out}"]) == 0
     description = json.loads(Path(f"{out}.json").read_text())
     assert description["format"] == "safetensors" and "torchvision" not in description
-    assert description["loader"] == "cka_jax.torch_resnet.load_resnet"
+    assert description["loader"] == "cka_jax.interop.torch_resnet.load_resnet"
     channels = description["architecture"]["in_channels"]
 
     torch_model = torch_resnet.load_resnet(f"{out}.json")  # strict=True inside
@@ -304,8 +304,8 @@ FRESH_PROCESS = textwrap.dedent(
     """
     import sys
     import numpy as np
-    import cka_jax.torch_resnet  # noqa: F401 - must not import torch
-    from cka_jax.export import load_stablehlo
+    import cka_jax.interop.torch_resnet  # noqa: F401 - must not import torch
+    from cka_jax.interop.export import load_stablehlo
 
     program, images, out = sys.argv[1:]
     forward = load_stablehlo(program)

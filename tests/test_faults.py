@@ -14,17 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cka_jax import experiment
-from cka_jax.checkpoint import (
-    MODEL_FILE,
-    CheckpointError,
-    RunCheckpoints,
-    has_model,
-    load_model,
-    save_model,
-)
+from cka_jax.infra.checkpoint import CheckpointError, RunCheckpoints
+from cka_jax.infra.workdir import WorkdirError
 from cka_jax.models import create_model, init_variables
-from cka_jax.workdir import WorkdirError
+from cka_jax.models.storage import MODEL_FILE, has_model, load_model, save_model
+from cka_jax.stages import experiment
 from tests import tiny_config
 from tests.main_process import REPO, main_command
 
@@ -80,7 +74,7 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, c
 WRITER = """
 import sys
 import numpy as np
-from cka_jax.checkpoint import RunCheckpoints
+from cka_jax.infra.checkpoint import RunCheckpoints
 
 directory = sys.argv[1]
 ckpts = RunCheckpoints(directory, max_to_keep=1000)

@@ -13,11 +13,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cka_jax import figures, progress, teachers
 from cka_jax.data import augment_config, eval_preprocess
+from cka_jax.infra import progress
 from cka_jax.models import create_model
 from cka_jax.models.build import init_variables_of
 from cka_jax.models.renormalized import Renormalized, renormalization
+from cka_jax.stages import figures, teachers
 from tests.main_process import REPO
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -190,7 +191,7 @@ def test_report_command_redraws_a_workdir(tiny_main_run, tmp_path):
     shutil.copytree(tiny_main_run, workdir)
     shutil.rmtree(workdir / "figures")
     done = subprocess.run(
-        [sys.executable, "-m", "cka_jax.report", f"--workdir={workdir}"],
+        [sys.executable, "-m", "cka_jax.stages.report", f"--workdir={workdir}"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -203,7 +204,7 @@ def test_report_command_redraws_a_workdir(tiny_main_run, tmp_path):
 
 def test_report_command_names_a_wrong_workdir(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "cka_jax.report", f"--workdir={tmp_path}"],
+        [sys.executable, "-m", "cka_jax.stages.report", f"--workdir={tmp_path}"],
         cwd=REPO,
         capture_output=True,
         text=True,

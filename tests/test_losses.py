@@ -1,4 +1,4 @@
-"""Tests of cka_jax.losses against independent float64 NumPy references (written from the
+"""Tests of cka_jax.methods.losses against independent float64 NumPy references (written from the
 papers' equations, with explicit loops; every reading of an ambiguous equation has its own),
 plus known values, gradients (against central differences of the references) and jit."""
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cka_jax import losses
+from cka_jax.methods import losses
 
 SIGMAS = (0.001, 0.01, 0.05, 0.1, 0.2, 1.0, 2.0)
 RTOL, ATOL = 1e-5, 1e-6

@@ -7,9 +7,10 @@ import json
 import jax.numpy as jnp
 import pytest
 
-from cka_jax import experiment, methods
+from cka_jax import methods
 from cka_jax.config import base_config, validate
-from cka_jax.train import terms
+from cka_jax.methods import terms
+from cka_jax.stages import experiment
 from tests import tiny_config
 
 

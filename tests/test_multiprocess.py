@@ -5,8 +5,8 @@ tested in test_preemption.py; their sharded evaluation in test_evaluate_sharded.
 import jax
 import pytest
 
-from cka_jax import distributed
 from cka_jax.config import distributed_config
+from cka_jax.infra import distributed
 
 
 @pytest.mark.parametrize(

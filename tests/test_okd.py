@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cka_jax import methods, okd
+from cka_jax import methods
 from cka_jax.config import base_config
-from cka_jax.train import terms
+from cka_jax.methods import okd, terms
 
 
 def unit(x):

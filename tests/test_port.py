@@ -28,9 +28,10 @@ except ImportError as err:  # fail loudly: these tests must run in CI
         "tests/test_port.py needs torch, torchvision and safetensors: pip install -e '.[port,test]'"
     ) from err
 
-from cka_jax import experiment, port
-from cka_jax.checkpoint import load_model
 from cka_jax.data import eval_kwargs, eval_preprocess
+from cka_jax.interop import port
+from cka_jax.models.storage import load_model
+from cka_jax.stages import experiment, inputs
 from tests import tiny_config
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
@@ -498,7 +499,7 @@ def test_command_line_reports_a_bad_file_in_one_line_with_exit_code_2(tmp_path, 
     name, contents, message = BAD_FILES[case]
     path = tmp_path / f"teacher{Path(name).suffix}"
     path.write_bytes(contents())
-    commands = [["-m", "cka_jax.port"]]
+    commands = [["-m", "cka_jax.interop.port"]]
     if case == "truncated_zip":
         commands.append([str(REPO / "scripts" / "port_torch_resnet.py")])
     for command in commands:
@@ -591,7 +592,7 @@ def test_command_line_writes_a_loadable_checkpoint_with_its_meta(models, tmp_pat
         "64",
     ]
     # In a fresh process, as users run it; --arch is read off the layout.
-    result = run_command_line(["-m", "cka_jax.port", *argv])
+    result = run_command_line(["-m", "cka_jax.interop.port", *argv])
     assert result.returncode == 0, result.stderr
     assert "resnet18 with 10 classes" in result.stdout
 
@@ -673,7 +674,7 @@ def test_ported_teachers_are_amalgamated_end_to_end(tmp_path):
 
     # The teacher rows score what the torchvision models score on the same test images,
     # normalised as the ported teachers record (ImageNet's mean/std), not as the run's views.
-    taskset, dataset = experiment.prepare_data(cfg)
+    taskset, dataset = inputs.prepare_data(cfg)
     own = {**eval_kwargs(cfg.augment), "mean": port.IMAGENET_MEAN, "std": port.IMAGENET_STD}
     x = np.asarray(eval_preprocess(dataset.test.images, **own))
     labels = np.asarray(dataset.test.labels)

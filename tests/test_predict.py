@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cka_jax.checkpoint import save_model
 from cka_jax.config import model_config
 from cka_jax.data import augment_config
 from cka_jax.models import create_model, init_variables
 from cka_jax.models.build import model_meta
+from cka_jax.models.storage import save_model
 from tests.main_process import REPO
 
 CLASSES = ["ant", "bee", "cat"]
@@ -34,7 +34,7 @@ def workdir(tmp_path_factory):
 
 def predict(workdir, *paths):
     return subprocess.run(
-        [sys.executable, "-m", "cka_jax.predict", f"--workdir={workdir}", *map(str, paths)],
+        [sys.executable, "-m", "cka_jax.interop.predict", f"--workdir={workdir}", *map(str, paths)],
         cwd=REPO,
         capture_output=True,
         text=True,

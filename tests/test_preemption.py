@@ -16,8 +16,8 @@ import jax
 import numpy as np
 import pytest
 
+from cka_jax.infra.preemption import EXIT_CODE, Preempted, StopRequests
 from cka_jax.train.loop import FitOptions, fit
-from cka_jax.train.preemption import EXIT_CODE, Preempted, StopRequests
 from tests.main_process import REPO, assert_same_run, final_state, main_command
 from tests.processes import collect, joined_env
 from tests.test_selection import tiny_split

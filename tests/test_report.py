@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from cka_jax import report
+from cka_jax.stages import report
 
 
 def row(method, seed, merged, routing, task0, task1, params=1000, **extra):
@@ -60,8 +60,8 @@ def test_write_report_writes_json_and_markdown(tmp_path):
 
 def test_export_takes_the_best_label_free_score_else_the_first_run(tmp_path, monkeypatch):
     copied = []
-    monkeypatch.setattr(report.checkpoint, "load_model", lambda src: (None, {"v": str(src)}, {}))
-    monkeypatch.setattr(report.checkpoint, "save_model", lambda dst, v, m: copied.append(v["v"]))
+    monkeypatch.setattr(report.storage, "load_model", lambda src: (None, {"v": str(src)}, {}))
+    monkeypatch.setattr(report.storage, "save_model", lambda dst, v, m: copied.append(v["v"]))
     final = {"criterion": "final", "epoch": 3, "score": None, "merged_acc": 0.0}
     runs = [row("kd", 0, 1, 1, 1, 1, selection=final), row("cka", 0, 9, 9, 9, 9, selection=final)]
     report.export_student(tmp_path, runs)  # no scores: the first run, whatever its accuracy

@@ -5,8 +5,8 @@ import jax
 import numpy as np
 import pytest
 
-from cka_jax import experiment
-from cka_jax.checkpoint import RunCheckpoints
+from cka_jax.infra.checkpoint import RunCheckpoints
+from cka_jax.stages import experiment
 from cka_jax.train.loop import NonFiniteLossError
 from tests import tiny_config
 

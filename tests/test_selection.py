@@ -8,8 +8,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cka_jax import checkpoint, experiment, selection
 from cka_jax.data import Split, load_source
+from cka_jax.models import storage
+from cka_jax.stages import experiment, selection
 from cka_jax.train.loop import FitOptions, Keep, fit
 from tests import tiny_config
 from tests.test_step_parallel import BATCH, SHAPE, build
@@ -92,7 +93,7 @@ def test_relabelled_test_set_exports_the_same_student(tmp_path):
         cfg.selection.holdout_fraction = 0.2
         experiment.run(cfg, tmp_path / name)
         results = json.loads((tmp_path / name / "results.json").read_text())
-        _, exported, meta = checkpoint.load_model(tmp_path / name / "student")
+        _, exported, meta = storage.load_model(tmp_path / name / "student")
         outcomes.append((results["rows"][-1], exported))
     (true_row, true_student), (other_row, other_student) = outcomes
     assert true_row["selection"]["criterion"] == "teacher_agreement"

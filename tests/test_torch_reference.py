@@ -1,6 +1,6 @@
 """The PyTorch reference step (scripts/torch_reference.py) computes what the JAX step computes.
 
-* its loss functions equal ``cka_jax.losses`` (values and gradients) on the same inputs;
+* its loss functions equal ``cka_jax.methods.losses`` (values and gradients) on the same inputs;
 * its CFL heads have the same parameter shapes as the Flax ``AmalgamationHeads``;
 * one ``step()`` returns the loss the JAX loss terms give on the same model outputs, trains
   the student and heads and leaves the teachers (parameters and BatchNorm statistics) alone.
@@ -19,8 +19,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
 
-from cka_jax import losses  # noqa: E402
-from cka_jax.bench import torch_reference as ref  # noqa: E402
+from benchmarks import torch_reference as ref  # noqa: E402
+from cka_jax.methods import losses  # noqa: E402
 from cka_jax.models import AmalgamationHeads  # noqa: E402
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -74,7 +74,7 @@ def _close_pairs(seed, n, m, shape):
     return x, y
 
 
-# ----------------------------------------------------------------- losses vs cka_jax.losses
+# ----------------------------------------------------------------- losses vs cka_jax.methods.losses
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -289,7 +289,7 @@ def test_main_prints_a_benchmark_json(capsys):
 def test_step_benchmark_interleaves_the_torch_step(monkeypatch):
     """`scripts/benchmark.py --compare_torch` times PyTorch's steps between JAX's, one each
     per round, and reports the ratio of the two medians."""
-    from cka_jax.bench import step_benchmark
+    from benchmarks import step_benchmark
 
     order = []
     jax_time_one, torch_time_one = step_benchmark.StepTimer.time_one, ref.StepTimer.time_one

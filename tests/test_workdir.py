@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from cka_jax import experiment
-from cka_jax.workdir import LOCK_FILE, StaleWorkdirError, WorkdirError, WorkdirLock
+from cka_jax.infra.workdir import LOCK_FILE, WorkdirError, WorkdirLock
+from cka_jax.stages import experiment
+from cka_jax.stages.fingerprints import StaleWorkdirError
 from tests import tiny_config
 from tests.main_process import REPO, main_command
 
@@ -276,9 +277,9 @@ def test_unknown_field_names_the_closest_and_the_valid_fields_at_every_level(pat
 JOINED = """
 import sys
 import jax
-from cka_jax import distributed
+from cka_jax.infra import distributed
 from cka_jax.config import distributed_config
-from cka_jax.workdir import WorkdirError, WorkdirLock
+from cka_jax.infra.workdir import WorkdirError, WorkdirLock
 
 distributed.initialize(distributed_config())  # from JAX_COORDINATOR_ADDRESS etc.
 try:

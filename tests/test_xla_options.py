@@ -1,4 +1,4 @@
-"""The CPU convolution kernels (`cka_jax.xla_options`): applied per compilation, cached per
+"""The CPU convolution kernels (`cka_jax.infra.xla_options`): applied per compilation, cached per
 choice, and computing the same step as XLA's default kernels."""
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cka_jax import xla_options
+from cka_jax.infra import xla_options
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def test_every_choice_compiles_and_computes_the_same_gradients(choice):
 def test_compiled_functions_are_cached_per_choice(choice):
     """An evaluation forward (like the train step) compiled under one choice is not reused
     under another."""
-    from cka_jax import evaluate
+    from cka_jax.evaluation import evaluate
     from tests.eval_process import aug_config, fixture
 
     model = fixture()[0]

@@ -21,14 +21,14 @@ def init_model(m, num_classes: int, seed: int, view_shape, what: str, dtype=jnp.
     """``(model, variables)`` for the model config ``m`` (arch, width, stem, checkpoint): a
     fresh model, or one starting from ``m.checkpoint`` (a new classifier when the
     checkpoint's class count differs, e.g. an ImageNet backbone)."""
-    from cka_jax import checkpoint  # checkpoint builds models: imported here, not at the top
+    from cka_jax.models import storage  # storage builds models: imported here, not at the top
 
     model = create_model(m.arch, num_classes, stem=m.stem, width=m.width, dtype=dtype)
     variables = init_variables_of(model, seed, view_shape)
     if m.checkpoint:
-        _, loaded, meta = checkpoint.load_model(m.checkpoint)
+        _, loaded, meta = storage.load_model(m.checkpoint)
         if meta["arch"] != m.arch:
-            raise checkpoint.CheckpointError(
+            raise storage.CheckpointError(
                 f"{what} checkpoint {m.checkpoint} is a {meta['arch']}, but the config asks "
                 f"for a {m.arch}: set the {what}'s arch to {meta['arch']!r}"
             )

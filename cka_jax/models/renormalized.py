@@ -9,7 +9,7 @@ before its forward pass, per channel:
 
 so each teacher sees its inputs as in its own training. Image size and crop cannot be
 changed per model this way (the views are shared); a mismatch there is a warning
-(`cka_jax.teachers`).
+(`cka_jax.stages.teachers`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Shapes, strides and padding follow torchvision's ResNets exactly (`resnet18/34/5
 `wide_resnet50_2/101_2`, `resnext50_32x4d`, `resnext101_32x8d`): convolutions use
 explicit symmetric padding (``k // 2`` on each side) rather than 'SAME', which pads stride-2
 convolutions and the 3x3/2 max-pool on one side only. Submodule names mirror torchvision's
-parameter names (``layer1.0.conv1`` -> ``layer1_0/conv1``) so that `cka_jax.port` is a
+parameter names (``layer1.0.conv1`` -> ``layer1_0/conv1``) so that `cka_jax.interop.port` is a
 renaming plus a transpose.
 
 BatchNorm uses torch's defaults: epsilon 1e-5 and momentum 0.1, which is Flax's 0.9 (Flax's

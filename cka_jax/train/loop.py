@@ -2,12 +2,12 @@
 
 `fit` runs the one train step over a seeded, resumable batch order; fetches metrics from the
 device every `log_every` steps (no host sync per step); every `log_every` steps logs what
-each loss term contributes (`cka_jax.diagnostics`, a separate jitted function, so the step
+each loss term contributes (`cka_jax.methods.diagnostics`, a separate jitted function, so the step
 itself is unchanged); checks every loss term for NaN/inf before any checkpoint is written;
 evaluates at each epoch end; checkpoints every `checkpoint_every` steps and at the end; and
 resumes from the newest loadable checkpoint. SIGTERM or SIGINT (a cluster preempting the job,
 Ctrl-C) ends the step in flight, writes a checkpoint of it and raises `Preempted`
-(`cka_jax.train.preemption`); every process of a multi-process run stops at the same step.
+(`cka_jax.infra.preemption`); every process of a multi-process run stops at the same step.
 
 Model selection never looks at the test set: ``evaluate`` (test accuracy) only reports. The
 kept model (`Keep`) is the final one, or, with ``Keep.select``, the best by that label-free
@@ -28,11 +28,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from cka_jax.checkpoint import DiskFullError, RunCheckpoints, save_model
 from cka_jax.data import num_batches, train_batch
-from cka_jax.distributed import is_primary
-from cka_jax.files import disk_full_message, is_disk_full
-from cka_jax.train.preemption import Preempted, StopAgreement, StopRequests
+from cka_jax.infra.checkpoint import DiskFullError, RunCheckpoints
+from cka_jax.infra.distributed import is_primary
+from cka_jax.infra.files import disk_full_message, is_disk_full
+from cka_jax.infra.preemption import Preempted, StopAgreement, StopRequests
+from cka_jax.models.storage import save_model
 from cka_jax.train.runtime import Runner
 from cka_jax.train.step import StepSpec, create_train_state
 

@@ -16,10 +16,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cka_jax.choices import PARALLELISM
-from cka_jax.distributed import local_rows
+from cka_jax.infra.distributed import local_rows
+from cka_jax.infra.xla_options import compiler_options, cpu_convolutions
+from cka_jax.methods.choices import PARALLELISM
 from cka_jax.train.step import StepSpec, TrainState, diagnose, train_step
-from cka_jax.xla_options import compiler_options, cpu_convolutions
 
 PMAP_AXIS = "batch"
 MESH_AXIS = "data"
@@ -60,7 +60,7 @@ def _parallel(fn, spec: StepSpec, parallelism: str, devices: tuple, donate: tupl
 @functools.cache
 def _step_function(spec: StepSpec, parallelism: str, devices: tuple, conv_kernels: str):
     """The jitted (or pmapped) step for ``spec``: one per distinct spec (and choice of CPU
-    convolution kernels, `cka_jax.xla_options`), so runs with equal specs in one process
+    convolution kernels, `cka_jax.infra.xla_options`), so runs with equal specs in one process
     (seeds, tests) share XLA's compiled programs."""
     return _parallel(train_step, spec, parallelism, devices, donate=(0,))
 

@@ -22,7 +22,7 @@ def student_run(
     """``(spec, student variables)`` of method (or variant) ``name``'s run with ``seed``: its
     student (fresh, from its checkpoint, or peer networks) and the step that trains it with
     ``teacher_models`` (used only when the method needs teachers), their logits calibrated
-    by ``calibration`` (a `cka_jax.calibrate.Calibrator`; None or 'none': raw)."""
+    by ``calibration`` (a `cka_jax.stages.calibrate.Calibrator`; None or 'none': raw)."""
     base, loss_cfg, student_cfg = resolve_method(cfg, name)
     method = build_method(base, loss_cfg)
     student, variables = student_kind(method).build(

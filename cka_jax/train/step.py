@@ -6,7 +6,7 @@
 2. runs the frozen teachers in eval mode on view 1 (no gradient);
 3. runs the student in train mode on view 1 (and view 2 when the method contrasts views);
 4. runs the method's heads, gathers every output to the global batch, and sums the method's
-   weighted loss terms (`cka_jax.methods`, `cka_jax.train.terms`);
+   weighted loss terms (`cka_jax.methods`, `cka_jax.methods.terms`);
 5. applies one optimiser update to the student and heads, and (MCL-OKD) the momentum update
    of the memory bank's rows of this batch.
 
@@ -32,11 +32,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from cka_jax import diagnostics, losses, okd
-from cka_jax.methods import Method
+from cka_jax.methods import Method, diagnostics, losses, okd
+from cka_jax.methods.terms import inter_features, loss_terms, total_loss, transport_kwargs
 from cka_jax.models import AmalgamationHeads, feature_channels
 from cka_jax.train.students import student_kind
-from cka_jax.train.terms import inter_features, loss_terms, total_loss, transport_kwargs
 
 NEGATIVES_STREAM = 3  # folded into the step key for MCL-OKD's negatives (views use 1, 2)
 
@@ -66,7 +65,7 @@ class StepSpec:
     num_data: int = 0  # training-set size: the rows of MCL-OKD's memory bank
     learning_rate: Callable | None = None  # step -> the rate of that update (for the logs)
     # (teacher logits, pooled teacher features) -> calibrated union scores per teacher
-    # (`cka_jax.calibrate.Calibrator`); None distils from the raw logits.
+    # (`cka_jax.stages.calibrate.Calibrator`); None distils from the raw logits.
     calibration: Callable | None = None
 
     @property

@@ -12,7 +12,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from cka_jax import evaluate, okd
+from cka_jax.evaluation import evaluate
+from cka_jax.methods import okd
 from cka_jax.models import PeerNetworks, create_model
 from cka_jax.models.build import init_model, init_variables_of, param_count
 

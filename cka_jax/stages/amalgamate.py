@@ -8,14 +8,15 @@ import json
 import logging
 from pathlib import Path
 
-from cka_jax import diagnostics, evaluate
 from cka_jax.config import resolve_method
-from cka_jax.distributed import barrier, is_primary
-from cka_jax.files import write_json_atomic
+from cka_jax.evaluation import evaluate
+from cka_jax.infra.distributed import barrier, is_primary
+from cka_jax.infra.files import write_json_atomic
+from cka_jax.methods import diagnostics
 from cka_jax.models.build import model_meta, param_count
+from cka_jax.stages.fingerprints import record_fingerprint, run_fingerprint
 from cka_jax.train.loop import FitOptions, Keep, fit
 from cka_jax.train.spec import student_run
-from cka_jax.workdir import record_fingerprint, run_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +27,12 @@ def train_student(
     """Trains method (or variant) ``name`` with ``seed`` on the ``train`` images, resuming if
     interrupted; returns its result row (also ``result.json``; a finished run is read back).
     ``teachers`` are ``[(model, variables)]``, their union scores calibrated by
-    ``calibrator`` (`cka_jax.calibrate`); ``selection`` chooses the kept model."""
+    ``calibrator`` (`cka_jax.stages.calibrate`); ``selection`` chooses the kept model."""
     run_dir = workdir / "runs" / name / f"seed_{seed}"
     result_file = run_dir / "result.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
-    # What this run's numbers depend on, recorded before any work (cka_jax.workdir).
+    # What this run's numbers depend on, recorded before any work (cka_jax.infra.workdir).
     record_fingerprint(run_dir, run_fingerprint(cfg, name, seed))
     base, _, student_cfg = resolve_method(cfg, name)
     total_steps = cfg.epochs * (len(train) // cfg.batch_size)

@@ -13,15 +13,18 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from cka_jax import checkpoint, evaluate, methods
+from cka_jax import methods
 from cka_jax.data import task_subset
 from cka_jax.data.presets import IMAGENET_MEAN, IMAGENET_STD, eval_kwargs
+from cka_jax.evaluation import evaluate
+from cka_jax.infra import checkpoint
+from cka_jax.infra.progress import JobProgress
+from cka_jax.models import storage
 from cka_jax.models.build import init_model, model_meta
 from cka_jax.models.renormalized import Renormalized, renormalization
-from cka_jax.progress import JobProgress
+from cka_jax.stages.fingerprints import record_fingerprint, teacher_fingerprint
 from cka_jax.train.loop import FitOptions, fit
 from cka_jax.train.spec import compute_dtype, step_spec, view_shape
-from cka_jax.workdir import record_fingerprint, teacher_fingerprint
 
 log = logging.getLogger(__name__)
 _VALIDATION_STREAM = 4099  # seeds the teachers' held-out images apart from other draws
@@ -50,7 +53,7 @@ def teacher_sources(cfg, taskset, workdir: Path) -> list[str]:
     for name, m in zip(taskset.names, teacher_model_configs(cfg, taskset.num_tasks), strict=True):
         if m.checkpoint and not m.finetune:
             sources.append("checkpoint")
-        elif checkpoint.has_model(workdir / "teachers" / name):
+        elif storage.has_model(workdir / "teachers" / name):
             sources.append("workdir")
         else:
             sources.append("train")
@@ -69,12 +72,12 @@ def get_teachers(cfg, taskset, dataset, workdir: Path, progress: JobProgress | N
         out_dir = workdir / "teachers" / name
         if source == "checkpoint":
             progress.stage("teacher %s: loading %s", name, m.checkpoint)
-            model, variables, meta = checkpoint.load_model(m.checkpoint, dtype=compute_dtype(cfg))
+            model, variables, meta = storage.load_model(m.checkpoint, dtype=compute_dtype(cfg))
             check_teacher_fits(meta, m, cfg, t, name, len(task_classes))
             model = adapt_to_run(model, meta, cfg, name)
         elif source == "workdir":
             progress.stage("teacher %s: loading %s (trained before)", name, out_dir)
-            model, variables, meta = checkpoint.load_model(out_dir, dtype=compute_dtype(cfg))
+            model, variables, meta = storage.load_model(out_dir, dtype=compute_dtype(cfg))
         else:
             progress.start("teacher", f"teacher {name}: training")
             model, variables = train_teacher(cfg, m, taskset, dataset, t, out_dir)
@@ -207,7 +210,7 @@ def validation_indices(cfg, taskset, train_labels, t: int) -> np.ndarray:
 
 def train_teacher(cfg, m, taskset, dataset, t, out_dir: Path):
     name = taskset.names[t]
-    # What this teacher's numbers depend on, recorded before any work (cka_jax.workdir).
+    # What this teacher's numbers depend on, recorded before any work (cka_jax.infra.workdir).
     record_fingerprint(out_dir.with_name(name + ".run"), teacher_fingerprint(cfg, t, name))
     num_classes = taskset.sizes[t]
     seed = teacher_seed(cfg, t)
@@ -248,5 +251,5 @@ def train_teacher(cfg, m, taskset, dataset, t, out_dir: Path):
     )
     task_classes = [taskset.class_names[c] for c in taskset.classes[t]]
     meta = model_meta(m, num_classes, cfg.augment, task_classes, task=name)
-    checkpoint.save_model(out_dir, result.variables, meta)
+    storage.save_model(out_dir, result.variables, meta)
     return model, result.variables

@@ -1,7 +1,7 @@
 """Methods as data: a loss term declares what it needs, a method is a row of term weights.
 
 Every method trains through the one train step (`cka_jax.train.step`). A **term** is a name,
-what it needs from the step, and a function of the step's outputs (`cka_jax.train.terms`
+what it needs from the step, and a function of the step's outputs (`cka_jax.methods.terms`
 holds the functions). A **method** is a row: term -> weight, computed from the loss config.
 Whatever the step builds for a method (teachers, a second view, heads, peer networks, a
 memory bank) follows from the needs of the terms with a non-zero weight.
@@ -12,7 +12,7 @@ come from user code without editing the package::
     from cka_jax import methods
     methods.register_method("kd_ce", lambda loss: {"kd": 1.0, "ce": 0.5})
 
-and new terms with `cka_jax.train.terms.register_term` (its function and its needs).
+and new terms with `cka_jax.methods.terms.register_term` (its function and its needs).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ METHODS: dict[str, MethodRow] = {}
 
 def declare_term(name: str, needs, description: str = "") -> TermSpec:
     """Declares term ``name`` and what it needs (a subset of `NEEDS`, or a function of the
-    loss config returning one). Its function is attached by `cka_jax.train.terms`."""
+    loss config returning one). Its function is attached by `cka_jax.methods.terms`."""
     if not callable(needs):
         needs = frozenset(needs)
         _check_needs(name, needs)

@@ -10,7 +10,7 @@ PARALLELISM = ("mesh", "pmap", "single")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SELECTION_CRITERIA = ("final", "teacher_agreement")
 STEMS = ("imagenet", "small")
-# `config.teacher_calibration` (cka_jax.calibration registers each under this name).
+# `config.teacher_calibration` (cka_jax.methods.calibration registers each under this name).
 CALIBRATION_KINDS = (
     "none",
     "softmax",

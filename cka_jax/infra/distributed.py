@@ -69,7 +69,7 @@ def initialize(dist_cfg) -> None:
         "process_id": dist_cfg.process_id if dist_cfg.process_id is not None else _env_int(ENV_ID),
     }
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    # SIGTERM is cka_jax's (`cka_jax.train.preemption`: a checkpoint, then exit code 75).
+    # SIGTERM is cka_jax's (`cka_jax.infra.preemption`: a checkpoint, then exit code 75).
     # JAX's preemption notifier would install a C handler that swallows SIGTERM whenever no
     # training runs (it only flags a sync point cka_jax does not poll), so a preempted job
     # would linger until SIGKILL instead of ending.

@@ -86,7 +86,7 @@ def mmd(
         MMD^2 = mean_{i,j} K(x_i, x_j) + mean_{i,j} K(y_i, y_j) - 2 mean_{i,j} K(x_i, y_j)
 
     clamped at 0, on rows flattened as in `_rows` and, when ``normalize``, L2-normalised.
-    As ``cka_jax.losses.mmd``, squared distances come from explicit differences (cdist
+    As ``cka_jax.methods.losses.mmd``, squared distances come from explicit differences (cdist
     without the matmul shortcut): identical rows are exactly 0 apart, so the sigma=0.001
     kernel (2 sigma^2 = 2e-6) does not amplify ``|a|^2 + |b|^2 - 2ab`` rounding, and the
     gradient there is 0 rather than nan.

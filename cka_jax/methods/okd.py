@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cka_jax import losses
+from cka_jax.methods import losses
 
 _EPS = 1e-7  # inside the logs of Eq. 11, as CRD's NCE criterion
 

@@ -7,7 +7,7 @@ Reports, after compilation: the compile time, the median step time over ``--step
 steps, images per second, the FLOPs of one step from XLA's cost analysis and the achieved
 fraction of the device's peak, XLA's memory analysis of the step and the process's peak
 memory. With ``--compare_torch`` (kd and cfl) it also times the PyTorch reference step
-(`cka_jax.bench.torch_reference`) on the same shapes, its steps interleaved with JAX's in this
+(`benchmarks.torch_reference`) on the same shapes, its steps interleaved with JAX's in this
 process (JAX, PyTorch, JAX, ...: both see the same machine state), and prints the JAX/PyTorch
 ratio of the medians. Writes everything to ``--out`` as JSON. This is a script, not a test:
 numbers depend on the machine.
@@ -226,7 +226,7 @@ def main(argv=None):
     import jax
     import numpy as np
 
-    from cka_jax import xla_options
+    from cka_jax.infra import xla_options
 
     devices = jax.devices()[: args.devices]
     if len(devices) < args.devices:
@@ -348,7 +348,7 @@ def profile_steps(timer: StepTimer, log_dir, steps=5, top=25) -> dict:
 def torch_step_timer(args):
     """The PyTorch reference step on the same shapes, warmed up, as a
     `torch_reference.StepTimer` whose steps `main` interleaves with JAX's."""
-    from cka_jax.bench import torch_reference
+    from benchmarks import torch_reference
 
     if args.method not in torch_reference.METHODS or args.width != 64:
         sys.exit(
@@ -366,7 +366,7 @@ def torch_step_timer(args):
 
 
 def torch_result(timer, times, args) -> dict:
-    from cka_jax.bench import torch_reference
+    from benchmarks import torch_reference
 
     timer.close()
     result = torch_reference.summary(

@@ -7,11 +7,11 @@ checkpoints, so re-running a killed command picks up where it stopped.
 Workdir layout:
   config.json, tasks.json     what ran: the config and the tasks' classes
   lock.json                   the run using the workdir now (pid, host, start, command)
-  teachers/<task>/            teacher model checkpoints (`cka_jax.teachers`)
+  teachers/<task>/            teacher model checkpoints (`cka_jax.stages.teachers`)
   teachers/<task>.run/        its training run, with fingerprint.json: the fields it used
-  runs/<method>/seed_<s>/     one student run (`cka_jax.amalgamate`), with fingerprint.json
+  runs/<method>/seed_<s>/     one student run (`cka_jax.stages.amalgamate`), with fingerprint.json
   student/                    the exported amalgamated student, with the union's class names
-  results.json, results.md    the report (`cka_jax.report`)
+  results.json, results.md    the report (`cka_jax.stages.report`)
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ from __future__ import annotations
 import json
 import logging
 
-from cka_jax import calibrate, report, selection, teachers
-from cka_jax.amalgamate import train_student
 from cka_jax.config import resolve_method, validate
-from cka_jax.data import DataNotFoundError, load_source, split_classes, union_of_datasets
-from cka_jax.data.errors import DatasetsNotFoundError
-from cka_jax.distributed import is_primary
+from cka_jax.infra.distributed import is_primary
+from cka_jax.infra.progress import JobProgress
+from cka_jax.infra.workdir import WorkdirLock, prepare_workdir
 from cka_jax.methods import build_method
-from cka_jax.progress import JobProgress
+from cka_jax.stages import calibrate, report, selection, teachers
+from cka_jax.stages.amalgamate import train_student
+from cka_jax.stages.fingerprints import check_stages
+from cka_jax.stages.inputs import prepare_data
 from cka_jax.train.students import student_kind
-from cka_jax.workdir import WorkdirLock, check_stages, prepare_workdir
 
 log = logging.getLogger(__name__)
 
@@ -112,43 +112,6 @@ def amalgamate_all(cfg, frozen, taskset, dataset, workdir, rows, progress, fitte
                 label_free.append(row)
             report.write_report(workdir, rows, taskset.names, title=cfg.name)
     return label_free
-
-
-def prepare_data(cfg):
-    """Returns ``(taskset, dataset)`` with union labels laid out in teacher order."""
-    if cfg.union:
-        return union_of_datasets(load_union(cfg))
-    dataset = load_source(cfg.data)
-    class_lists = cfg.tasks.get("class_lists") or None
-    try:
-        return split_classes(
-            dataset,
-            None if class_lists else cfg.tasks.num_tasks,
-            seed=cfg.tasks.seed,
-            mode=cfg.tasks.mode,
-            class_lists=class_lists,
-        )
-    except ValueError as err:
-        raise ValueError(f"config.tasks does not give valid teacher tasks: {err}") from None
-
-
-def load_union(cfg) -> list:
-    """``config.data`` and each of ``config.union``, loaded; every missing one is named in
-    one error, with the override that points at it."""
-    sources = [("--config.data", cfg.data)]
-    sources += [(f"--config.union[{i}]", c) for i, c in enumerate(cfg.union)]
-    datasets, missing = [], []
-    for flag, source in sources:
-        try:
-            datasets.append(load_source(source))
-        except DataNotFoundError as err:
-            field = next((f for f in ("root", "data_dir", "manual_dir") if f in source), "root")
-            missing.append((f"{flag}.{field}=DIR", err))
-    if len(missing) == 1:
-        raise missing[0][1]
-    if missing:
-        raise DatasetsNotFoundError(missing)
-    return datasets
 
 
 def uses_teachers(cfg) -> bool:

@@ -1,17 +1,11 @@
-"""Orbax checkpoints: model checkpoints (teachers, exported students, ported weights) and the
-training state of a run (latest few, resumable).
-
-A model checkpoint is a directory holding `variables/` (an orbax checkpoint of
-``{'params', 'batch_stats'}``) and `model.json` (architecture, class count, width, stem, class
-names). `model.json` is written last and atomically, so a directory without it is an
-interrupted save and is never loaded.
-"""
+"""Orbax checkpoints of a run's training state (latest few, resumable, checksummed), and the
+errors and disk-full handling every checkpoint write shares (model checkpoints, which build
+a model, are `cka_jax.models.storage`)."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -20,15 +14,11 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cka_jax.distributed import barrier, is_primary
-from cka_jax.files import disk_full_message, is_disk_full, write_json_atomic
-from cka_jax.models import create_model
-
-MODEL_FILE = "model.json"
+from cka_jax.infra.distributed import barrier, is_primary
+from cka_jax.infra.files import disk_full_message, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +67,7 @@ def _drop_closed_loop_reports() -> None:
 
 
 @contextlib.contextmanager
-def _disk_full_as_error(what: str, path: Path, needed: int, kept: str, cleanup=None):
+def disk_full_as_error(what: str, path: Path, needed: int, kept: str, cleanup=None):
     """Turns a write that finds no space into `DiskFullError` (after ``cleanup()``, which
     removes the partial write so the space it took is free again)."""
     _drop_closed_loop_reports()
@@ -101,54 +91,7 @@ def _disk_full_as_error(what: str, path: Path, needed: int, kept: str, cleanup=N
         absl_logger.removeFilter(drop)
 
 
-def model_from_meta(meta: dict, **kwargs):
-    return create_model(
-        meta["arch"],
-        meta["num_classes"],
-        stem=meta.get("stem", "imagenet"),
-        width=meta.get("width", 64),
-        **kwargs,
-    )
-
-
-def save_model(directory, variables, meta: dict) -> None:
-    """Writes ``variables`` and ``meta`` (arch, num_classes, width, stem, ...) atomically.
-
-    The new checkpoint is complete in ``<directory>.partial`` before it replaces the old
-    one; a save killed between the two renames is finished by the next `has_model`.
-    Every process of a multi-process run calls this (orbax writes together); process 0
-    moves the files.
-    """
-    directory = Path(directory).absolute()
-    tmp = directory.with_name(directory.name + ".partial")
-    variables = jax.device_get(
-        {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    )
-    kept = "The model saved there before, if any, is kept."
-    full = _disk_full_as_error(
-        "a model", directory, tree_nbytes(variables), kept, cleanup=lambda: _remove(tmp)
-    )
-    with full:
-        if is_primary():
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        barrier(f"save_model {directory} start")
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / "variables", variables)
-            ckptr.wait_until_finished()
-        if is_primary():
-            write_json_atomic(tmp / MODEL_FILE, meta)
-    if is_primary():
-        old = directory.with_name(directory.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    barrier(f"save_model {directory} done")
-
-
-def _remove(path: Path, settle_s: float = 0.2, limit_s: float = 10.0) -> None:
+def remove_partial_write(path: Path, settle_s: float = 0.2, limit_s: float = 10.0) -> None:
     """Deletes a partial write (process 0; the files are shared). A failed orbax save
     returns while tensorstore still finishes the writes in flight, which recreate their
     directories: deleted again until it stays gone for ``settle_s``."""
@@ -160,46 +103,6 @@ def _remove(path: Path, settle_s: float = 0.2, limit_s: float = 10.0) -> None:
         time.sleep(settle_s)
         if not path.exists() or time.monotonic() > deadline:
             return
-
-
-def _finish_interrupted_save(directory: Path) -> None:
-    """A save killed between its two renames left no ``directory`` but a complete
-    ``.partial`` (the new model) or ``.old`` (the previous one): put it back."""
-    if directory.exists():
-        return
-    for suffix in (".partial", ".old"):
-        candidate = directory.with_name(directory.name + suffix)
-        if (candidate / MODEL_FILE).is_file():
-            log.warning("finishing an interrupted save: %s -> %s", candidate, directory)
-            os.replace(candidate, directory)
-            return
-
-
-def has_model(directory) -> bool:
-    directory = Path(directory).absolute()
-    if is_primary():
-        _finish_interrupted_save(directory)
-    barrier(f"has_model {directory}")  # every process then sees the same directory
-    return (directory / MODEL_FILE).is_file()
-
-
-def load_model(directory, **model_kwargs):
-    """Returns ``(model, variables, meta)`` from a model checkpoint directory."""
-    directory = Path(directory).absolute()
-    if not has_model(directory):
-        raise CheckpointError(
-            f"no model checkpoint at {directory}: expected {MODEL_FILE} and variables/ there "
-            "(written by cka_jax training or scripts/port_torch_resnet.py)"
-        )
-    meta = json.loads((directory / MODEL_FILE).read_text())
-    model = model_from_meta(meta, **model_kwargs)
-    size = meta.get("image_size", 32)
-    shape = (1, size, size, meta.get("channels", 3))
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))
-    abstract = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
-    with ocp.StandardCheckpointer() as ckptr:
-        variables = ckptr.restore(directory / "variables", abstract)
-    return model, variables, meta
 
 
 def state_digest(state) -> str:
@@ -237,7 +140,7 @@ class RunCheckpoints:
         """Writes step ``step``; a disk without space for it is a `DiskFullError` (the
         partial write removed, the checkpoints before it intact)."""
         state = jax.device_get(state)
-        full = _disk_full_as_error(
+        full = disk_full_as_error(
             f"the checkpoint of step {step}",
             self.directory / str(step),
             tree_nbytes(state),
@@ -259,7 +162,7 @@ class RunCheckpoints:
     def _remove_partial(self, step: int) -> None:
         """Deletes orbax's temporary directory of an unfinished save of ``step``."""
         for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-            _remove(partial)
+            remove_partial_write(partial)
 
     def restore_latest(self, template):
         """Returns ``(state, meta)`` of the newest loadable checkpoint, or None.

@@ -13,8 +13,8 @@ import dataclasses
 
 import numpy as np
 
-from cka_jax import evaluate
 from cka_jax.data import Split
+from cka_jax.evaluation import evaluate
 
 _HOLDOUT_STREAM = 7919  # seeds the held-out images apart from every other draw
 _SAMPLE_STREAM = 7927  # seeds the students' sample (`student_data_fraction`)
@@ -57,11 +57,11 @@ def split_holdout(cfg, train: Split) -> tuple[Split, Split | None]:
 
 def make_selection(cfg, teachers, holdout: Split | None, calibrator=None) -> Selection:
     """The `Selection` of the config: with held-out images, the teachers score them once
-    (their union scores calibrated by ``calibrator``, `cka_jax.calibrate`)."""
+    (their union scores calibrated by ``calibrator``, `cka_jax.stages.calibrate`)."""
     if holdout is None or not teachers:
         return Selection("final")
     if calibrator is not None and calibrator.kind != "none":
-        from cka_jax.calibrate import teacher_outputs
+        from cka_jax.stages.calibrate import teacher_outputs
 
         outputs = teacher_outputs(
             teachers, holdout, cfg.augment, cfg.eval_batch_size, calibrator.needs_features

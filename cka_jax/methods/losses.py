@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cka_jax.choices import DISTANCE_KINDS, DISTANCE_SCALES, KL_DIRECTIONS, REDUCTIONS
+from cka_jax.methods.choices import DISTANCE_KINDS, DISTANCE_SCALES, KL_DIRECTIONS, REDUCTIONS
 
 __all__ = [
     "intra_contrast",

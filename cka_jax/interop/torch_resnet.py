@@ -1,6 +1,6 @@
 """Build, in PyTorch, a ResNet exported by ``python -m cka_jax.export --format=safetensors``.
 
-    from cka_jax.torch_resnet import load_resnet
+    from cka_jax.interop.torch_resnet import load_resnet
 
     model = load_resnet("student.json")          # reads student.json + student.safetensors
     logits = model(images_nchw)                   # float32 (B, C, H, W), preprocessed
@@ -99,7 +99,7 @@ def _modules():
         from torch import nn
     except ImportError as err:
         raise ImportError(
-            "cka_jax.torch_resnet needs PyTorch: pip install torch safetensors"
+            "cka_jax.interop.torch_resnet needs PyTorch: pip install torch safetensors"
         ) from err
 
     conv, block = _blocks(nn)

@@ -175,7 +175,7 @@ def draw_common_space(embedded: dict, labels, class_names, title: str, path: Pat
 def draw(workdir, common_space: dict | None = None) -> list[Path]:
     """Draws every figure of ``workdir`` it has data for; returns their paths.
     ``common_space``: ``{'points': {model: (N, d)}, 'labels', 'class_names', 'title'}``
-    (`cka_jax.common_space`), or None for no t-SNE."""
+    (`cka_jax.stages.common_space`), or None for no t-SNE."""
     out = Path(workdir) / FIGURES_DIR
     out.mkdir(exist_ok=True)
     runs = runs_of(workdir)

@@ -1,4 +1,4 @@
-"""Points of the common space on test images, for the t-SNE figure (`cka_jax.figures`).
+"""Points of the common space on test images, for the t-SNE figure (`cka_jax.stages.figures`).
 
 For a run whose method has a common space (CKA's shared MLP, CFL's shared extractor), the
 student and every teacher are mapped through the run's own trained heads (from its newest
@@ -15,11 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cka_jax import checkpoint
 from cka_jax.config import resolve_method
 from cka_jax.data import eval_batches, eval_kwargs, eval_preprocess
-from cka_jax.figures import TSNE_IMAGES, stratified_sample
+from cka_jax.infra import checkpoint
 from cka_jax.methods import build_method
+from cka_jax.models import storage
+from cka_jax.stages.figures import TSNE_IMAGES, stratified_sample
 from cka_jax.train.spec import student_run
 from cka_jax.train.step import create_train_state
 
@@ -65,9 +66,9 @@ def points(cfg, name: str, seed: int, teachers, taskset, dataset, workdir) -> di
     method = build_method(base, loss_cfg)
     batch_size = cfg.eval_batch_size
     if method.common_space is None or not teachers:
-        if not checkpoint.has_model(workdir / "student"):
+        if not storage.has_model(workdir / "student"):
             return None
-        model, variables, _ = checkpoint.load_model(workdir / "student")
+        model, variables, _ = storage.load_model(workdir / "student")
         (feats,) = _batched(
             lambda x: [_pooled(model.apply(variables, x, train=False)[1])],
             test,

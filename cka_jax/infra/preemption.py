@@ -11,7 +11,7 @@ checkpoint and ends bit-identical to a run never interrupted. A second signal st
 as if no handler were installed (SIGTERM kills the process, SIGINT raises
 KeyboardInterrupt), without a checkpoint.
 
-Several processes (`cka_jax.distributed`) must stop at the same step, since every step is a
+Several processes (`cka_jax.infra.distributed`) must stop at the same step, since every step is a
 collective computation and the checkpoint is written by all of them together, although the
 signal may reach only some of them. After every step each process contributes its "stop
 requested" flag to a tiny all-reduce (a max over one int per device, outside the train

@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 import time
 
-from cka_jax.distributed import is_primary
+from cka_jax.infra.distributed import is_primary
 
-log = logging.getLogger("cka_jax.progress")
+log = logging.getLogger("cka_jax.infra.progress")
 
 
 def format_duration(seconds: float) -> str:

@@ -28,8 +28,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cka_jax.data import eval_batches, eval_kwargs, eval_preprocess
-from cka_jax.distributed import local_rows, put_rows
-from cka_jax.xla_options import compiler_options, cpu_convolutions
+from cka_jax.infra.distributed import local_rows, put_rows
+from cka_jax.infra.xla_options import compiler_options, cpu_convolutions
 
 AXIS = "data"
 

@@ -5,8 +5,8 @@ A term is a plain function ``(outputs, loss_cfg) -> scalar`` of the step's ``out
 (global-batch arrays) and the loss config. `register_term` adds one from user code, with
 its needs (`cka_jax.methods.NEEDS`)::
 
-    from cka_jax import losses
-    from cka_jax.train import terms
+    from cka_jax.methods import losses
+    from cka_jax.methods import terms
 
     def logit_l2(o, cfg):  # a toy term: keep the student's logits small
         return jnp.mean(jnp.square(o["logits"]))
@@ -20,7 +20,8 @@ from collections.abc import Callable
 
 import jax.numpy as jnp
 
-from cka_jax import losses, methods, okd
+from cka_jax import methods
+from cka_jax.methods import losses, okd
 
 # Loss terms. `o` holds global-batch arrays: 'logits', 'features' (student, view 1), 'labels',
 # 'teacher_logits' / 'teacher_features' (lists, task order) and the heads' outputs. With peer

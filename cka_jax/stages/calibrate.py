@@ -1,5 +1,5 @@
 """The calibration stage: the frozen teachers' outputs on the student's unlabelled training
-images, one `cka_jax.calibration` fitted to them (``config.teacher_calibration``), saved as
+images, one `cka_jax.methods.calibration` fitted to them (``config.teacher_calibration``), saved as
 ``calibration.json`` in the workdir and read back on a rerun.
 
 The fitted `Calibrator` is used wherever union scores are formed: the ensemble row, the
@@ -22,10 +22,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cka_jax import calibration, evaluate
 from cka_jax.data import eval_kwargs, eval_preprocess
-from cka_jax.distributed import is_primary
-from cka_jax.files import write_json_atomic
+from cka_jax.evaluation import evaluate
+from cka_jax.infra.distributed import is_primary
+from cka_jax.infra.files import write_json_atomic
+from cka_jax.methods import calibration
 
 log = logging.getLogger(__name__)
 CALIBRATION_FILE = "calibration.json"
