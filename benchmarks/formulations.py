@@ -1,6 +1,6 @@
 """Convolution formulations measured against XLA's plain convolution and not adopted: kept
 so that the measurements in docs/performance.md can be rerun (`scripts/benchmark_convs.py
---stem_formulation=s2d`) and are tested against the plain convolution (tests/test_conv.py).
+--stem_formulation=s2d`) and are tested against the plain convolution (tests/models/test_conv.py).
 
 The ImageNet stem as space-to-depth + a stride-1 4x4 convolution lost on this project's CPU
 (its forward 2.7x slower than the plain 7x7/2, its weight gradient 1.3x slower; 224 px,

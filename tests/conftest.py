@@ -56,7 +56,7 @@ def all_methods_run(tmp_path_factory):
     """The tiny main job in this process with every loss term and student kind:
     ``(config, workdir, table)``.
     The peer methods run 2 branch-based peers sharing all but the last stage (the cheapest;
-    network-based peers are exercised by the step tests). Only tests/test_experiment.py
+    network-based peers are exercised by the step tests). Only tests/stages/test_experiment.py
     uses it, so one xdist worker builds it; a test there reruns the experiment in it."""
     from cka_jax.methods import BUILT_IN_METHODS
     from cka_jax.stages import experiment

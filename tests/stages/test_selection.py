@@ -13,7 +13,7 @@ from cka_jax.models import storage
 from cka_jax.stages import experiment, selection
 from cka_jax.train.loop import FitOptions, Keep, fit
 from tests import tiny_config
-from tests.test_step_parallel import BATCH, SHAPE, build
+from tests.train.test_step_parallel import BATCH, SHAPE, build
 
 
 def tiny_split(n=2 * BATCH):

@@ -22,7 +22,7 @@ from tests.main_process import final_state
 
 pytestmark = pytest.mark.slow  # whole experiments
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def read_metrics(path):

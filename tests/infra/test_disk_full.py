@@ -21,7 +21,7 @@ from cka_jax.interop import export
 from cka_jax.models import create_model
 from cka_jax.models.storage import load_model, save_model
 from tests.main_process import REPO, assert_same_run, main_command
-from tests.test_preemption import RUNS, assert_same_metrics
+from tests.train.test_preemption import RUNS, assert_same_metrics
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 FULL = r"no space left on the disk to write .+ \(it needs about [\d.]+ [KM]?B, [\d.]+ [KM]?B free"

@@ -25,7 +25,8 @@ try:
     import torchvision
 except ImportError as err:  # fail loudly: these tests must run in CI
     raise ImportError(
-        "tests/test_port.py needs torch, torchvision and safetensors: pip install -e '.[port,test]'"
+        "tests/interop/test_port.py needs torch, torchvision and safetensors: "
+        "pip install -e '.[port,test]'"
     ) from err
 
 from cka_jax.data import eval_kwargs, eval_preprocess
@@ -36,7 +37,7 @@ from tests import tiny_config
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 NUM_CLASSES = 10
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def torchvision_model(arch, num_classes=NUM_CLASSES, seed=0, size=64):

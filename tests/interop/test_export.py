@@ -24,7 +24,7 @@ try:
     import torchvision
 except ImportError as err:  # fail loudly: these tests must run in CI
     raise ImportError(
-        "tests/test_export.py needs torch, torchvision, safetensors and flatbuffers: "
+        "tests/interop/test_export.py needs torch, torchvision, safetensors and flatbuffers: "
         "pip install -e '.[port,test]' flatbuffers"
     ) from err
 
@@ -32,7 +32,7 @@ from cka_jax.interop import export, port, torch_resnet
 from cka_jax.models import create_model
 from cka_jax.models.storage import save_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NUM_CLASSES = 5
 CLASS_NAMES = [f"kind{i}" for i in range(NUM_CLASSES)]
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

@@ -9,8 +9,8 @@ import numpy as np
 
 from cka_jax.train import step as train_step
 from cka_jax.train.runtime import Runner
-from tests.test_okd import mcl_okd_loss
-from tests.test_step_parallel import BATCH, NUM_DATA, build
+from tests.methods.test_okd import mcl_okd_loss
+from tests.train.test_step_parallel import BATCH, NUM_DATA, build
 
 
 def unit(x):

@@ -6,8 +6,8 @@ import json
 
 from cka_jax.config import base_config
 from cka_jax.train.loop import FitOptions, MetricsLog, fit
-from tests.test_selection import tiny_split
-from tests.test_step_parallel import BATCH, build
+from tests.stages.test_selection import tiny_split
+from tests.train.test_step_parallel import BATCH, build
 
 
 def test_options_come_from_the_config():

@@ -20,8 +20,8 @@ from cka_jax.infra.preemption import EXIT_CODE, Preempted, StopRequests
 from cka_jax.train.loop import FitOptions, fit
 from tests.main_process import REPO, assert_same_run, final_state, main_command
 from tests.processes import collect, joined_env
-from tests.test_selection import tiny_split
-from tests.test_step_parallel import BATCH, build
+from tests.stages.test_selection import tiny_split
+from tests.train.test_step_parallel import BATCH, build
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 TEACHER_RUNS = ("teachers/task0.run", "teachers/task1.run")

@@ -25,7 +25,7 @@ from cka_jax.data import DataNotFoundError, load_source
 from cka_jax.data.cars import _pil_box
 from cka_jax.stages.inputs import prepare_data
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LEVEL = 40  # class c is drawn with gray level 20 + LEVEL * c
 
 

@@ -13,7 +13,7 @@ from cka_jax.train.runtime import Runner
 from cka_jax.train.spec import step_spec
 from cka_jax.train.step import StepSpec, build_heads, create_train_state
 from tests import tiny_config
-from tests.test_step_parallel import BATCH, SHAPE, loss_config, noisy_views
+from tests.train.test_step_parallel import BATCH, SHAPE, loss_config, noisy_views
 
 
 def spec_from_config(cfg, method_name="cka"):

@@ -9,7 +9,7 @@ import pytest
 from cka_jax.methods import Method, diagnostics, losses
 from cka_jax.train import step as step_module
 from cka_jax.train.runtime import Runner
-from tests.test_step_parallel import build
+from tests.train.test_step_parallel import build
 
 B = 6
 
