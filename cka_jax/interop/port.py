@@ -550,14 +550,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--checkpoint", required=True, type=Path, help=".pth/.pt or .safetensors file"
     )
     parser.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
+    # Underscores as every command's flags (absl's style); the hyphenated spelling still works.
     parser.add_argument(
+        "--image_size",
         "--image-size",
+        dest="image_size",
         type=int,
         default=224,
         help="input size the model was trained at (recorded in model.json; default 224)",
     )
     parser.add_argument(
+        "--class_names",
         "--class-names",
+        dest="class_names",
         type=Path,
         default=None,
         help="text file with one class name per line, in the classifier's output order "
@@ -575,7 +580,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.image_size < 1:
-        parser.error(f"--image-size must be positive, got {args.image_size}")
+        parser.error(f"--image_size must be positive, got {args.image_size}")
     return args
 
 
@@ -585,11 +590,11 @@ def read_class_names(path: Path | None, num_classes: int) -> list[str]:
     if path is None:
         return [f"class{i}" for i in range(num_classes)]
     if not path.is_file():
-        raise ValueError(f"--class-names file {path} does not exist")
+        raise ValueError(f"--class_names file {path} does not exist")
     names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if len(names) != num_classes:
         raise ValueError(
-            f"--class-names file {path} lists {len(names)} names but the checkpoint's "
+            f"--class_names file {path} lists {len(names)} names but the checkpoint's "
             f"classifier (fc.weight) has {num_classes} classes"
         )
     return names
@@ -648,13 +653,13 @@ def port_checkpoint(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
-    """``python -m cka_jax.port --checkpoint FILE --out DIR [--arch A] [--image-size N]
-    [--class-names FILE] [--stem imagenet|small] [--overwrite]``.
+    """``python -m cka_jax.port --checkpoint FILE --out DIR [--arch A] [--image_size N]
+    [--class_names FILE] [--stem imagenet|small] [--overwrite]``.
 
     Ports FILE (``.pth``/``.pt``/``.tar``/``.bin``/``.ckpt`` or ``.safetensors``) into DIR,
     a cka_jax model checkpoint that a config can name as a teacher. Returns the exit code:
     0, or 2 after printing ``error: ...`` (an unreadable, untrusted or unportable
-    checkpoint, a bad ``--out`` or ``--class-names``); bad flags exit 2 with argparse's
+    checkpoint, a bad ``--out`` or ``--class_names``); bad flags exit 2 with argparse's
     usage message. Never a traceback for bad input.
     """
     args = parse_args(argv)

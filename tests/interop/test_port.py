@@ -622,7 +622,7 @@ def test_command_line_ports_a_resnext(tmp_path, capsys):
     path = tmp_path / "resnext.pth"
     torch.save({"state_dict": model_t.state_dict(), "epoch": 1}, path)
     out = tmp_path / "ported"
-    assert port.main(["--checkpoint", str(path), "--out", str(out), "--image-size", "32"]) == 0
+    assert port.main(["--checkpoint", str(path), "--out", str(out), "--image_size", "32"]) == 0
     assert "resnext50_32x4d with 3 classes" in capsys.readouterr().out
     model, variables, meta = load_model(out)
     assert meta["arch"] == "resnext50_32x4d"
