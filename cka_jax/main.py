@@ -78,33 +78,66 @@ def main(argv):
 
 def parse_flags(argv):
     """absl's flag parsing, but a ``--config.<field>`` the config lacks (config_flags raises
-    AttributeError, KeyError or ValueError while parsing) is one line and exit code 2."""
+    AttributeError, KeyError or ValueError while parsing) or a value of the wrong type is one
+    line and exit code 2."""
     try:
-        return app.parse_flags_with_usage(argv)
+        return FLAGS(argv)
+    except flags.IllegalFlagValueError as err:
+        message = wrong_type_message(argv, err)
+    except flags.Error as err:  # e.g. a flag the command does not have
+        message = f"{' '.join(str(err).split())} (see --helpshort)"
     except (AttributeError, KeyError, ValueError) as err:
-        message = " ".join(str(err).split())
-        indexed = [a for a in argv[1:] if re.match(r"^--?config\.[^=]*\.\d+(\.|=)", a)]
-        if indexed:  # ml_collections indexes tuples as union[0], not union.0
-            fixed = re.sub(r"\.(\d+)(?=\.|=)", r"[\1]", indexed[0].split("=", 1)[0])
-            message = f"{indexed[0].split('=', 1)[0]}: index a tuple as {fixed}"
-        try:  # name the field, the closest valid one and the valid fields at its level
-            value = None
-            for i, arg in enumerate(argv):
-                if arg in ("--config", "-config") and i + 1 < len(argv):
-                    value = argv[i + 1]
-                elif arg.startswith(("--config=", "-config=")):
-                    value = arg.split("=", 1)[1]
-            cfg = FLAGS["config"].parser.parse(value)
-            for arg in argv[1:]:
-                path = re.match(r"^--?config\.([^=]+)", arg)
-                found = path and unknown_field(cfg, path.group(1))
-                if found:
-                    message = f"{arg.split('=', 1)[0]}: {found}"
-                    break
-        except Exception:  # noqa: BLE001 - keep config_flags' own message
-            pass
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        message = unknown_field_message(argv, err)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def config_of(argv):
+    """The config the ``--config`` flag names, without its overrides."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(("--config=", "-config=")):
+            value = arg.split("=", 1)[1]
+    return FLAGS["config"].parser.parse(value)
+
+
+def wrong_type_message(argv, err) -> str:
+    """``--config.epochs: expects an int, got 'abc'``: the field, its type, the value."""
+    message = " ".join(str(err).split())
+    try:
+        cfg = config_of(argv)
+        for arg in argv[1:]:
+            match = re.match(r"^--?config\.([^=]+)=(.*)$", arg, flags=re.S)
+            if not match or match.group(0).split("=", 1)[0] not in message:
+                continue
+            current = cfg
+            for part in match.group(1).split("."):
+                current = current[part]
+            kind = type(current).__name__
+            return f"--config.{match.group(1)}: expects {kind}, got {match.group(2)!r}"
+    except Exception:  # noqa: BLE001 - keep absl's own message
+        pass
+    return message
+
+
+def unknown_field_message(argv, err) -> str:
+    message = " ".join(str(err).split())
+    indexed = [a for a in argv[1:] if re.match(r"^--?config\.[^=]*\.\d+(\.|=)", a)]
+    if indexed:  # ml_collections indexes tuples as union[0], not union.0
+        fixed = re.sub(r"\.(\d+)(?=\.|=)", r"[\1]", indexed[0].split("=", 1)[0])
+        message = f"{indexed[0].split('=', 1)[0]}: index a tuple as {fixed}"
+    try:  # name the field, the closest valid one and the valid fields at its level
+        cfg = config_of(argv)
+        for arg in argv[1:]:
+            path = re.match(r"^--?config\.([^=]+)", arg)
+            found = path and unknown_field(cfg, path.group(1))
+            if found:
+                return f"{arg.split('=', 1)[0]}: {found}"
+    except Exception:  # noqa: BLE001 - keep config_flags' own message
+        pass
+    return message
 
 
 if __name__ == "__main__":

@@ -36,6 +36,24 @@ def test_misspelled_override_is_rejected_before_any_work(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.epochs=abc", "--config.epochs: expects int, got 'abc'"),
+        (
+            "--config.loss.kd_temperature=hot",
+            "--config.loss.kd_temperature: expects float, got 'hot'",
+        ),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_one_line_and_exit_code_2(tmp_path, override, message):
+    out = run_main(tmp_path, override)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == f"error: {message}"
+    assert "Traceback" not in out.stderr and "FATAL" not in out.stderr
+    assert not (tmp_path / "w").exists()
+
+
 def test_unknown_method_lists_the_valid_ones(tmp_path):
     out = run_main(tmp_path, "--config.methods=('kd','ckaa')")
     assert out.returncode == 2
