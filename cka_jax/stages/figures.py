@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -28,16 +29,28 @@ FIGURES_DIR = "figures"
 MARKERS = "o^sDvP*Xh<>"
 TSNE_IMAGES = 600  # test images in the t-SNE (per model), a seeded stratified sample
 
+log = logging.getLogger(__name__)
+
 
 def read_metrics(path: Path) -> list[dict]:
-    """The rows of a ``metrics.jsonl`` (a torn last line from a kill is skipped)."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
+    """The rows of a ``metrics.jsonl`` (see `read_metrics_with_gaps`)."""
+    return read_metrics_with_gaps(path)[0]
+
+
+def read_metrics_with_gaps(path: Path) -> tuple[list[dict], list[int]]:
+    """``(rows, gaps)`` of a ``metrics.jsonl``: a torn last line (a kill mid-write) is
+    skipped in silence; any other line that is not JSON is skipped with a warning naming
+    its line number, and listed in ``gaps``, since the series has a hole there."""
+    lines = Path(path).read_text().splitlines()
+    rows, gaps = [], []
+    for number, line in enumerate(lines, 1):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            continue
-    return rows
+            if number < len(lines):
+                gaps.append(number)
+                log.warning("%s: line %d is not JSON; skipped, the series has a gap", path, number)
+    return rows, gaps
 
 
 def runs_of(workdir: Path) -> list[tuple[str, list[dict]]]:
@@ -52,7 +65,14 @@ def runs_of(workdir: Path) -> list[tuple[str, list[dict]]]:
         (f"{p.parent.parent.name} {p.parent.name.replace('_', ' ')}", p)
         for p in sorted(workdir.glob("runs/*/seed_*/metrics.jsonl"))
     ]
-    return [(label, rows) for label, path in found if (rows := read_metrics(path))]
+    out = []
+    for label, path in found:
+        rows, gaps = read_metrics_with_gaps(path)
+        if rows:
+            out.append(
+                (label + (f" (gap at line {', '.join(map(str, gaps))})" if gaps else ""), rows)
+            )
+    return out
 
 
 def _grid(n: int, cols: int = 4, size=(3.6, 2.8)) -> tuple[Figure, list]:

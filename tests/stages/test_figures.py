@@ -78,6 +78,20 @@ def test_a_torn_last_line_is_skipped(tmp_path):
     assert figures.read_metrics(path) == [{"step": 1, "loss": 1.0}]
 
 
+def test_a_corrupt_line_mid_file_is_a_warning_with_its_line_and_a_gap_in_the_label(
+    tmp_path, caplog
+):
+    run = tmp_path / "runs" / "kd" / "seed_0"
+    run.mkdir(parents=True)
+    lines = [json.dumps({"step": 1, "loss": 2.0}), '{"step": 2, "lo', json.dumps({"step": 3})]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING):
+        [(label, rows)] = figures.runs_of(tmp_path)
+    assert [r["step"] for r in rows] == [1, 3]
+    assert label == "kd seed 0 (gap at line 2)"
+    assert any("line 2 is not JSON" in r.getMessage() for r in caplog.records)
+
+
 def test_draw_writes_every_figure(tmp_path):
     write_metrics(tmp_path / "runs" / "cka" / "seed_0" / "metrics.jsonl", student_rows())
     teacher = [{"step": 1, "loss": 1.0, "loss/ce": 1.0}, {"step": 1, "epoch": 1, "eval/acc": 80.0}]
