@@ -18,6 +18,7 @@ import ml_collections
 from cka_jax.config import base_config, resolve_method, resolve_peers
 from cka_jax.infra.distributed import barrier
 from cka_jax.infra.files import write_json_atomic
+from cka_jax.infra.version import code_version, describe
 from cka_jax.infra.workdir import WorkdirError
 from cka_jax.methods import build_method
 
@@ -126,7 +127,13 @@ def teacher_fingerprint(cfg, t: int, task: str) -> dict:
     the augmentation, its own model fields, its epochs, optimiser and data fraction, the
     batch size, dtype and parallelism: everything but `STUDENT_ONLY` and `IGNORABLE`."""
     fields = _fields(cfg, STUDENT_ONLY + ("teachers",), teacher=teacher_model(cfg, t))
-    return {"stage": "teacher", "task": task, "task_index": int(t), "fields": fields}
+    return {
+        "stage": "teacher",
+        "task": task,
+        "task_index": int(t),
+        "fields": fields,
+        "code": code_version(),
+    }
 
 
 def run_fingerprint(cfg, name: str, seed: int) -> dict:
@@ -146,7 +153,13 @@ def run_fingerprint(cfg, name: str, seed: int) -> dict:
         student=student,
         peers=resolve_peers(cfg, name),
     )
-    return {"stage": "run", "method": name, "seed": int(seed), "fields": fields}
+    return {
+        "stage": "run",
+        "method": name,
+        "seed": int(seed),
+        "fields": fields,
+        "code": code_version(),
+    }
 
 
 def record_fingerprint(stage_dir: Path, fingerprint: dict) -> None:
@@ -277,6 +290,15 @@ def check_stages(cfg, workdir, discard: bool = False) -> list[Path]:
         changes = _changes(record.get("fields", {}), new["fields"])
         if changes:
             stale.append((outputs, note, changes))
+        elif record.get("code") and record["code"] != new.get("code"):
+            # The fields agree, so the stage is kept; but a table may now mix two versions.
+            log.warning(
+                "workdir: %s was produced by %s, this run is %s: its numbers and the new "
+                "ones in one table come from different code",
+                outputs[0].relative_to(workdir),
+                describe(record["code"]),
+                describe(new["code"]),
+            )
         elif not path.exists():
             adopt.append((path, new))
     if stale and not discard:

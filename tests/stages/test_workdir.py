@@ -12,9 +12,10 @@ import time
 
 import pytest
 
+from cka_jax.infra.version import code_version, describe
 from cka_jax.infra.workdir import LOCK_FILE, WorkdirError, WorkdirLock
 from cka_jax.stages import experiment
-from cka_jax.stages.fingerprints import StaleWorkdirError
+from cka_jax.stages.fingerprints import StaleWorkdirError, check_stages
 from tests import tiny_config
 from tests.main_process import REPO, main_command
 
@@ -222,6 +223,24 @@ def test_workdir_of_an_older_version_is_checked_against_its_config_json(finished
     assert not list(finished.rglob("fingerprint.json"))
     experiment.run(tiny(), finished)  # the config it came from: accepted, nothing retrains
     assert len(list(finished.rglob("fingerprint.json"))) == 3
+
+
+@pytest.mark.slow
+def test_a_stage_of_other_code_is_kept_with_a_warning_naming_both_versions(finished, caplog):
+    """Each fingerprint records the package version and commit; a rerun by other code keeps
+    the stages whose fields agree, and says that the table now mixes two versions."""
+    path = finished / "runs" / "kd" / "seed_0" / "fingerprint.json"
+    record = json.loads(path.read_text())
+    assert record["code"] == code_version() and record["code"]["package"]
+    record["code"] = {"package": "0.0.1", "commit": "0123456789abcdef"}
+    path.write_text(json.dumps(record))
+    before = mtimes(finished)
+    with caplog.at_level(logging.WARNING):
+        check_stages(tiny(), finished)
+    assert mtimes(finished) == before  # kept, nothing deleted or rewritten
+    [warning] = [r.getMessage() for r in caplog.records if "different code" in r.getMessage()]
+    assert "runs/kd/seed_0" in warning and "cka-jax 0.0.1 at commit 0123456789ab" in warning
+    assert describe(code_version()) in warning
 
 
 # --- a misspelled config field on the command line ----------------------------------------
