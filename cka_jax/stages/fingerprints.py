@@ -38,7 +38,21 @@ IGNORABLE = (
     "diagnostics",  # a separate jitted function; the train step is unchanged
     "figures",  # drawn from the finished runs
     "distributed",  # how the processes find each other
+    "parallelism",  # mesh, pmap and single compute the same step
 )
+# How a stage ran rather than what it computes: recorded, and a change is a note, not stale.
+EXECUTION = ("parallelism", "log_every", "checkpoint_every", "keep_checkpoints", "figures")
+
+
+def execution_of(cfg) -> dict:
+    """The execution-only settings of a run of ``cfg`` on this job's devices."""
+    return {
+        **{k: _plain(cfg[k]) for k in EXECUTION},
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+    }
+
+
 # Fields of a data source (`data`, each of `union`) that only say how its files are read.
 IGNORABLE_SOURCE = ("cache", "cache_dir", "strict", "download")
 # Read only when a label-free run's kept model is chosen by a score (selection.criterion
@@ -133,6 +147,7 @@ def teacher_fingerprint(cfg, t: int, task: str) -> dict:
         "task_index": int(t),
         "fields": fields,
         "code": code_version(),
+        "execution": execution_of(cfg),
     }
 
 
@@ -159,6 +174,7 @@ def run_fingerprint(cfg, name: str, seed: int) -> dict:
         "seed": int(seed),
         "fields": fields,
         "code": code_version(),
+        "execution": execution_of(cfg),
     }
 
 
@@ -185,6 +201,30 @@ def _changes(old: dict, new: dict) -> list[str]:
         elif path not in defaults or defaults[path] != value:
             out.append(f"{path}: (not recorded) -> {json.dumps(value)}")
     return out
+
+
+def _note_kept(workdir: Path, output: Path, record: dict, new: dict) -> None:
+    """Warnings for a stage that is kept (its fields agree) but ran differently: each
+    execution-only setting that changed (its numbers do not), and other code (a table that
+    would mix two versions)."""
+    where = output.relative_to(workdir)
+    old_run, new_run = record.get("execution") or {}, new.get("execution") or {}
+    changed = [f"{k}: {old_run[k]} -> {v}" for k, v in new_run.items() if old_run.get(k, v) != v]
+    if changed:
+        log.warning(
+            "workdir: %s ran with other execution settings (%s); kept: they do not change "
+            "its numbers",
+            where,
+            "; ".join(changed),
+        )
+    if record.get("code") and record["code"] != new.get("code"):
+        log.warning(
+            "workdir: %s was produced by %s, this run is %s: its numbers and the new ones "
+            "in one table come from different code",
+            where,
+            describe(record["code"]),
+            describe(new["code"]),
+        )
 
 
 def _read_json(path: Path):
@@ -290,16 +330,9 @@ def check_stages(cfg, workdir, discard: bool = False) -> list[Path]:
         changes = _changes(record.get("fields", {}), new["fields"])
         if changes:
             stale.append((outputs, note, changes))
-        elif record.get("code") and record["code"] != new.get("code"):
-            # The fields agree, so the stage is kept; but a table may now mix two versions.
-            log.warning(
-                "workdir: %s was produced by %s, this run is %s: its numbers and the new "
-                "ones in one table come from different code",
-                outputs[0].relative_to(workdir),
-                describe(record["code"]),
-                describe(new["code"]),
-            )
-        elif not path.exists():
+            continue
+        _note_kept(workdir, outputs[0], record, new)
+        if not path.exists():
             adopt.append((path, new))
     if stale and not discard:
         lines = [

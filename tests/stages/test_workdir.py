@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
 
 from cka_jax.infra.version import code_version, describe
@@ -241,6 +242,32 @@ def test_a_stage_of_other_code_is_kept_with_a_warning_naming_both_versions(finis
     [warning] = [r.getMessage() for r in caplog.records if "different code" in r.getMessage()]
     assert "runs/kd/seed_0" in warning and "cka-jax 0.0.1 at commit 0123456789ab" in warning
     assert describe(code_version()) in warning
+
+
+@pytest.mark.slow
+def test_execution_only_changes_keep_every_stage_with_a_note(finished, caplog):
+    """Another parallelism, device count or log cadence computes the same numbers: the
+    stages are kept and the change is noted; a field that changes numbers still refuses."""
+    path = finished / "teachers" / "task0.run" / "fingerprint.json"
+    record = json.loads(path.read_text())
+    assert record["execution"]["parallelism"] == tiny().parallelism
+    record["execution"].update(devices=8, processes=2)  # as if trained on 8 devices
+    path.write_text(json.dumps(record))
+    cfg = tiny()
+    cfg.parallelism = "pmap" if cfg.parallelism != "pmap" else "mesh"
+    cfg.log_every = cfg.log_every + 1
+    before = mtimes(finished)
+    with caplog.at_level(logging.WARNING):
+        assert check_stages(cfg, finished) == []
+    assert mtimes(finished) == before
+    notes = [r.getMessage() for r in caplog.records if "execution settings" in r.getMessage()]
+    teacher = next(n for n in notes if "teachers/task0" in n)
+    assert f"parallelism: {tiny().parallelism} -> {cfg.parallelism}" in teacher
+    assert f"devices: 8 -> {jax.device_count()}" in teacher and "log_every" in teacher
+    assert any("runs/kd/seed_0" in n for n in notes)
+    cfg.epochs += 1
+    with pytest.raises(StaleWorkdirError, match="epochs"):
+        check_stages(cfg, finished)
 
 
 # --- a misspelled config field on the command line ----------------------------------------
