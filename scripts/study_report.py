@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import platform
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -451,7 +452,8 @@ def plot_curves(workdir, out: Path, experiments, seeds, summaries, key="eval/mer
         ensemble = summaries[exp].get("ensemble")
         if ensemble and key == "eval/merged_acc":
             ax.axhline(ensemble["merged_acc_mean"], color="k", ls="--", label="Ensemble")
-        ax.set(title=f"{exp}: {SETTINGS.get(exp, '')}", xlabel="epoch", ylabel=ylabel)
+        ax.set(xlabel="epoch", ylabel=ylabel)
+        ax.set_title(textwrap.fill(f"{exp}: {SETTINGS.get(exp, '')}", 60), fontsize=9)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
