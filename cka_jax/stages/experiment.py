@@ -12,6 +12,7 @@ Workdir layout:
   runs/<method>/seed_<s>/     one student run (`cka_jax.stages.amalgamate`), with fingerprint.json
   student/                    the exported amalgamated student, with the union's class names
   results.json, results.md    the report (`cka_jax.stages.report`)
+  timing.json                 where this invocation's time went (`cka_jax.infra.timing`)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import logging
 
 from cka_jax.config import resolve_method, validate
+from cka_jax.infra import timing
 from cka_jax.infra.distributed import is_primary
 from cka_jax.infra.progress import JobProgress
 from cka_jax.infra.workdir import WorkdirLock, prepare_workdir
@@ -39,9 +41,22 @@ def run(cfg, workdir, discard_stale: bool = False) -> str:
     before any work, or with ``discard_stale`` deleted and rerun (`check_stages`)."""
     validate(cfg)
     workdir = prepare_workdir(workdir)
-    with WorkdirLock(workdir):
-        check_stages(cfg, workdir, discard=discard_stale)
-        return run_stages(cfg, workdir)
+    with WorkdirLock(workdir), timing.Timing().active() as job_timing:
+        try:
+            with timing.stage("checks"):
+                check_stages(cfg, workdir, discard=discard_stale)
+            return run_stages(cfg, workdir)
+        finally:
+            write_timing(job_timing, workdir)
+
+
+def write_timing(job_timing: timing.Timing, workdir) -> None:
+    """Writes ``timing.json`` and logs the breakdown (process 0), also after a failure."""
+    if not is_primary():
+        return
+    breakdown = job_timing.write(workdir / "timing.json")
+    for line in timing.breakdown_text(breakdown).splitlines():
+        log.info("%s", line)
 
 
 def run_stages(cfg, workdir) -> str:
@@ -51,7 +66,8 @@ def run_stages(cfg, workdir) -> str:
     progress = JobProgress(students=len(cfg.methods) * len(cfg.seeds))
     # data -> tasks
     progress.stage("data: loading %s", " + ".join(c.name for c in [cfg.data, *cfg.union]))
-    taskset, dataset = prepare_data(cfg)
+    with timing.stage("data"):
+        taskset, dataset = prepare_data(cfg)
     if is_primary():
         (workdir / "tasks.json").write_text(json.dumps(taskset.to_dict(), indent=2))
     log.info(
@@ -68,27 +84,35 @@ def run_stages(cfg, workdir) -> str:
     train, holdout = selection.split_holdout(cfg, dataset.train)
     if uses_teachers(cfg):
         progress.add("teacher", teachers.teacher_sources(cfg, taskset, workdir).count("train"))
-        frozen = teachers.get_teachers(cfg, taskset, dataset, workdir, progress)
+        with timing.stage("teachers"):
+            frozen = teachers.get_teachers(cfg, taskset, dataset, workdir, progress)
         if cfg.teacher_calibration != "none":
             progress.stage("teachers: fitting calibration %s", cfg.teacher_calibration)
-        calibrator = calibrate.get_calibrator(cfg, frozen, train, workdir)
+        with timing.stage("calibration"):
+            calibrator = calibrate.get_calibrator(cfg, frozen, train, workdir)
         progress.stage("teachers: scoring each alone and their ensemble on the test set")
-        rows = report.teacher_rows(cfg, frozen, taskset, dataset, calibrator)
+        with timing.stage("teacher scores", "evaluation"):
+            rows = report.teacher_rows(cfg, frozen, taskset, dataset, calibrator)
     else:
         log.info("no method in config.methods uses teachers: none trained or loaded")
     # amalgamation -> evaluation, one run per method and seed
-    rule = selection.make_selection(cfg, frozen, holdout, calibrator)
-    label_free = amalgamate_all(
-        cfg, frozen, taskset, dataset, workdir, rows, progress, (train, rule, calibrator)
-    )
+    with timing.stage("selection", "selection"):
+        rule = selection.make_selection(cfg, frozen, holdout, calibrator)
+    with timing.stage("amalgamation"):
+        label_free = amalgamate_all(
+            cfg, frozen, taskset, dataset, workdir, rows, progress, (train, rule, calibrator)
+        )
     # report
     progress.stage("report: exporting the student to %s", workdir / "student")
-    chosen = report.export_student(workdir, label_free)
+    with timing.stage("export"):
+        chosen = report.export_student(workdir, label_free)
     paths = []
     if cfg.figures:
         progress.stage("report: drawing figures into %s", workdir / "figures")
-        paths = report.draw_figures(cfg, workdir, label_free, chosen, frozen, taskset, dataset)
-    return report.write_report(workdir, rows, taskset.names, title=cfg.name, figure_paths=paths)
+        with timing.stage("figures", "figures"):
+            paths = report.draw_figures(cfg, workdir, label_free, chosen, frozen, taskset, dataset)
+    with timing.stage("report"):
+        return report.write_report(workdir, rows, taskset.names, title=cfg.name, figure_paths=paths)
 
 
 def amalgamate_all(cfg, frozen, taskset, dataset, workdir, rows, progress, fitted) -> list[dict]:

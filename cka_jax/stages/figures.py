@@ -25,6 +25,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from cka_jax.infra.timing import measure
+
 FIGURES_DIR = "figures"
 MARKERS = "o^sDvP*Xh<>"
 TSNE_IMAGES = 600  # test images in the t-SNE (per model), a seeded stratified sample
@@ -159,9 +161,10 @@ def tsne(points: np.ndarray, seed: int = 0) -> np.ndarray:
     from sklearn.manifold import TSNE
 
     perplexity = float(min(30.0, max(2.0, (len(points) - 1) / 4)))
-    return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
-        np.asarray(points, np.float64)
-    )
+    with measure("tsne"):
+        return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+            np.asarray(points, np.float64)
+        )
 
 
 def draw_common_space(embedded: dict, labels, class_names, title: str, path: Path) -> Path:

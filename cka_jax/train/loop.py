@@ -33,6 +33,8 @@ from cka_jax.infra.checkpoint import DiskFullError, RunCheckpoints
 from cka_jax.infra.distributed import is_primary
 from cka_jax.infra.files import disk_full_message, is_disk_full
 from cka_jax.infra.preemption import Preempted, StopAgreement, StopRequests
+from cka_jax.infra.timing import measure
+from cka_jax.infra.timing import run as timed_run
 from cka_jax.models.storage import save_model
 from cka_jax.train.runtime import Runner
 from cka_jax.train.step import StepSpec, create_train_state
@@ -221,32 +223,36 @@ class _Fit:
     def run(self, student_variables, teacher_variables) -> FitResult:
         # SIGTERM/SIGINT are handled for the whole fit, and only then (a stop elsewhere loses
         # no work); one that comes before the first step stops the run after it.
-        with StopRequests() as requests:
+        with StopRequests() as requests, timed_run(self.name):
             return self._run(student_variables, teacher_variables, requests)
 
     def _run(self, student_variables, teacher_variables, requests: StopRequests) -> FitResult:
         spec, runner, options = self.spec, self.runner, self.options
-        state = create_train_state(
-            spec, student_variables, teacher_variables, jax.random.key(self.seed)
-        )
-        self.checkpoints = RunCheckpoints(
-            self.run_dir / "checkpoints", max_to_keep=options.keep_checkpoints
-        )
-        self.meta = {"history": [], "selected": None, "diagnostics": []}
-        restored = self.checkpoints.restore_latest(jax.device_get(state))
+        with measure("setup"):
+            state = create_train_state(
+                spec, student_variables, teacher_variables, jax.random.key(self.seed)
+            )
+        with measure("checkpoints"):
+            self.checkpoints = RunCheckpoints(
+                self.run_dir / "checkpoints", max_to_keep=options.keep_checkpoints
+            )
+            self.meta = {"history": [], "selected": None, "diagnostics": []}
+            restored = self.checkpoints.restore_latest(jax.device_get(state))
         if restored is not None:
             state, meta = restored
             self.meta.update(meta)
             log.info("%s: resuming from step %d", self.name, int(state.step))
         start = int(state.step)
         self.saved_step = start if restored is not None else None
-        self.metrics_log = MetricsLog(self.run_dir, start, enabled=is_primary())
+        with measure("logging"):  # (the first run imports tensorboardX)
+            self.metrics_log = MetricsLog(self.run_dir, start, enabled=is_primary())
         self.state = runner.put_state(state)
         teachers = runner.put_replicated(teacher_variables)
         self.t_start = self.t_window = time.time()
         self.steps_window = 0
         try:
-            self._loop(start, teachers, requests)
+            with measure("train_steps"):
+                self._loop(start, teachers, requests)
         finally:
             try:
                 self.metrics_log.close()
@@ -288,17 +294,22 @@ class _Fit:
     def _save(self, done: int) -> None:
         # The metrics of every step up to a checkpoint are on disk before it is: a run killed
         # after it resumes there with the whole metrics history.
-        self.metrics_log.flush()
-        self.checkpoints.save(done, self.runner.get_state(self.state), self.meta)
+        jax.block_until_ready(self.state)  # the steps before it are train time
+        with measure("checkpoints"):
+            self.metrics_log.flush()
+            self.checkpoints.save(done, self.runner.get_state(self.state), self.meta)
         self.saved_step = done
 
     def _step(self, step: int, teachers) -> None:
         runner, batch_size = self.runner, self.options.batch_size
         rows = runner.local_rows(batch_size)
-        batch = runner.put_batch(train_batch(self.split, batch_size, self.seed, step, rows))
+        with measure("input"):
+            batch = runner.put_batch(train_batch(self.split, batch_size, self.seed, step, rows))
         if self.diagnose_every and (step + 1) % self.diagnose_every == 0:
             # The step about to run, term by term (on its own state and batch).
-            diagnosis = runner.diagnose(self.state, teachers, batch)
+            jax.block_until_ready(self.state)
+            with measure("diagnostics"):
+                diagnosis = jax.block_until_ready(runner.diagnose(self.state, teachers, batch))
             self.pending_diagnostics.append((step + 1, diagnosis))
         self.state, metrics = runner.step(self.state, teachers, batch)
         self.pending.append((step + 1, metrics))
@@ -376,9 +387,12 @@ class _Fit:
 
     def _evaluate_and_keep(self, done: int, epoch: int) -> None:
         host = _student_variables(self.runner.get_state(self.state))
-        record = {"epoch": epoch, "step": done, **(self.evaluate(host) if self.evaluate else {})}
+        with measure("evaluation"):
+            measured = self.evaluate(host) if self.evaluate else {}
+        record = {"epoch": epoch, "step": done, **measured}
         keep = self.keep
-        score = keep.select(host) if keep.select is not None else None
+        with measure("selection"):
+            score = keep.select(host) if keep.select is not None else None
         if score is not None:
             record["selection_score"] = score
         self.meta["history"].append(record)
@@ -391,7 +405,8 @@ class _Fit:
         improved = score is not None and (selected is None or score > selected["score"])
         if improved or (keep.select is None and done == self.total_steps):
             self.meta["selected"] = {"epoch": epoch, "step": done, "score": score}
-            save_model(keep.directory, keep.deploy(host), keep.meta or {})
+            with measure("checkpoints"):
+                save_model(keep.directory, keep.deploy(host), keep.meta or {})
 
 
 def _rounded(value, digits: int = 2):

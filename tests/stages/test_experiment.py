@@ -251,3 +251,28 @@ def test_mcl_okd_run_resumes_from_its_checkpoint_with_the_memory_bank(all_method
     for ref, got in zip(ref_rows, got_rows, strict=True):
         ref.pop("wall_s", None), got.pop("wall_s", None)
         assert ref == got
+
+
+def test_timing_json_accounts_for_every_second_of_every_run(all_methods_run):
+    cfg, workdir, _ = all_methods_run
+    timing = json.loads((workdir.parent / "all_methods_timing.json").read_text())
+    cells = sum(c["seconds"] for c in timing["cells"])
+    assert cells + timing["unaccounted_s"] == pytest.approx(timing["total_s"], abs=0.01)
+    assert 0 <= timing["unaccounted_s"] < 0.05 * timing["total_s"]
+    runs = timing["by_run"]
+    for name in [f"amalgamation/{m} seed 0" for m in cfg.methods] + [
+        "teachers/teacher task0",
+        "teachers/teacher task1",
+    ]:
+        assert runs[name]["train_steps"] > 0, name
+        assert runs[name]["evaluation"] > 0, name
+        assert runs[name]["checkpoints"] > 0, name
+    # Multi-term methods log their per-term diagnostics; single-term ones have none.
+    assert runs["amalgamation/cka seed 0"]["diagnostics"] > 0
+    assert "diagnostics" not in runs["amalgamation/kd seed 0"]
+    # The first run compiles its step; the second teacher reuses the first one's.
+    assert runs["teachers/teacher task0"]["compilations"] > 0
+    assert runs["teachers/teacher task0"]["compile"] > 0
+    assert runs["teachers/teacher task1"]["compilations"] == 0
+    assert runs["figures"]["tsne"] > 0
+    assert timing["compilations"] == sum(r["compilations"] for r in runs.values())
