@@ -42,9 +42,9 @@ def run(cfg, workdir, discard_stale: bool = False) -> str:
     validate(cfg)
     workdir = prepare_workdir(workdir)
     with WorkdirLock(workdir), timing.Timing().active() as job_timing:
+        with timing.stage("checks"):  # a refused rerun leaves the workdir untouched
+            check_stages(cfg, workdir, discard=discard_stale)
         try:
-            with timing.stage("checks"):
-                check_stages(cfg, workdir, discard=discard_stale)
             return run_stages(cfg, workdir)
         finally:
             write_timing(job_timing, workdir)
